@@ -1,0 +1,131 @@
+"""The samples file: one JSON line per prompt, ALT-compatible (DESIGN.md section 2).
+
+`{"prompt", "generations", "rewards"}` is ALT's own format, so its files load unchanged; `id`,
+`quantiles`, `feedback`, `finish_reasons` and `iteration` are ours and optional. Fields we do not
+know are kept and written back, so a round trip through any command loses nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from alignment.errors import UserError
+from alignment.io import read_jsonl, write_jsonl
+
+FinishReason = Literal["stop", "length"]
+_KNOWN = (
+    "id",
+    "prompt",
+    "generations",
+    "rewards",
+    "quantiles",
+    "feedback",
+    "finish_reasons",
+    "iteration",
+)
+
+
+@dataclass
+class SampleRecord:
+    """All generations for one raw (never conditioned) prompt, with whatever is known about them."""
+
+    prompt: str
+    generations: list[str]
+    id: str | None = None
+    rewards: list[float | None] | None = None
+    quantiles: list[int | None] | None = None
+    feedback: list[str | None] | None = None
+    finish_reasons: list[FinishReason] | None = None
+    iteration: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"prompt": self.prompt, "generations": self.generations}
+        if self.id is not None:
+            row = {"id": self.id, **row}
+        for name in ("rewards", "quantiles", "feedback", "finish_reasons", "iteration"):
+            value = getattr(self, name)
+            if value is not None:
+                # NaN is not JSON: a non-finite reward is stored as missing.
+                if name == "rewards":
+                    value = [r if r is not None and math.isfinite(r) else None for r in value]
+                row[name] = value
+        row.update(self.extra)
+        return row
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str = "<record>") -> SampleRecord:
+        """Validate one parsed line; `where` ("file:line") prefixes every error."""
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str):
+            raise UserError(f"{where}: field 'prompt' is missing or not a string")
+        if not prompt.strip():
+            raise UserError(f"{where}: field 'prompt' is empty")
+        gens = obj.get("generations")
+        if not isinstance(gens, list) or not all(isinstance(g, str) for g in gens):
+            raise UserError(f"{where}: field 'generations' must be a list of strings")
+        if not gens:
+            raise UserError(f"{where}: field 'generations' is empty")
+        record = cls(
+            prompt=prompt, generations=gens, extra={k: v for k, v in obj.items() if k not in _KNOWN}
+        )
+        if obj.get("id") is not None:
+            record.id = str(obj["id"])
+        if obj.get("iteration") is not None:
+            if not isinstance(obj["iteration"], int):
+                raise UserError(f"{where}: field 'iteration' must be an integer")
+            record.iteration = obj["iteration"]
+        for name, check in (
+            ("rewards", _is_reward),
+            ("quantiles", _is_opt_int),
+            ("feedback", _is_opt_str),
+            ("finish_reasons", _is_finish),
+        ):
+            value = obj.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(check(v) for v in value):
+                raise UserError(f"{where}: field '{name}' has a value of the wrong type")
+            if len(value) != len(gens):
+                raise UserError(
+                    f"{where}: field '{name}' has {len(value)} entries but "
+                    f"'generations' has {len(gens)}"
+                )
+            if name == "rewards":
+                value = [None if v is None else float(v) for v in value]
+            setattr(record, name, value)
+        return record
+
+
+def _is_reward(v: Any) -> bool:
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def _is_opt_int(v: Any) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _is_finish(v: Any) -> bool:
+    return v in ("stop", "length")
+
+
+def iter_samples(path: str | Path) -> Iterator[tuple[int, SampleRecord]]:
+    """Yield (line number, record); every error names the file and the line."""
+    for lineno, obj in read_jsonl(path):
+        yield lineno, SampleRecord.from_json(obj, where=f"{path}:{lineno}")
+
+
+def load_samples(path: str | Path) -> list[SampleRecord]:
+    return [record for _, record in iter_samples(path)]
+
+
+def save_samples(path: str | Path, records: list[SampleRecord]) -> int:
+    return write_jsonl(path, (r.to_json() for r in records))

@@ -1,0 +1,73 @@
+"""`quark-alt sample`: prompts file -> samples JSONL (ALT-compatible, DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from alignment.conditioning import condition_prompt, has_control_tokens, quantile_token
+from alignment.config import SamplingConfig
+from alignment.errors import UserError
+from alignment.models import load_model_and_tokenizer
+from alignment.prompts import load_prompts
+from alignment.records import SampleRecord, save_samples
+from experiments.commands.common import add_sampling_arguments, parse_shard, sampling_config
+from samplers import HFSampler
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id, local path or embedded: name")
+    parser.add_argument("--prompts", required=True, help="prompt set (JSONL)")
+    parser.add_argument("--out", required=True, help="samples JSONL to write")
+    parser.add_argument("-k", "--num-samples", type=int, default=4, help="generations per prompt")
+    parser.add_argument(
+        "--condition",
+        choices=["best", "none"],
+        default="best",
+        help="prepend _QUANTILE_TOKEN_0_ when the tokenizer has it (default)",
+    )
+    parser.add_argument("--placement", choices=["prefix", "suffix"], default="prefix")
+    parser.add_argument("--limit", type=int, help="use only the first N prompts")
+    parser.add_argument("--shard", default="0/1", help="i/n: take every n-th prompt from i")
+    parser.add_argument("--iteration", type=int, help="stored in each record")
+    add_sampling_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    index, count = parse_shard(args.shard)
+    cfg: SamplingConfig = sampling_config(args)
+    rows = load_prompts(args.prompts, limit=args.limit)[index::count]
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    control = None
+    if args.condition == "best" and has_control_tokens(tokenizer):
+        control = quantile_token(0)
+    elif args.condition == "best":
+        log.info("%s has no control tokens: sampling without conditioning", args.model)
+    texts = [
+        condition_prompt(r.prompt, control, args.placement) if control else r.prompt for r in rows
+    ]
+    sampler = HFSampler(model, tokenizer, cfg)
+    generations = sampler.sample(texts, args.num_samples, seed=args.seed)
+    records = [
+        SampleRecord(
+            prompt=row.prompt,
+            id=row.id,
+            iteration=args.iteration,
+            generations=[g.text for g in gens],
+            finish_reasons=[g.finish_reason for g in gens],
+        )
+        for row, gens in zip(rows, generations, strict=True)
+    ]
+    save_samples(args.out, records)
+    total = sum(len(r.generations) for r in records)
+    stopped = sum(r.finish_reasons.count("stop") for r in records if r.finish_reasons)
+    print(
+        f"wrote {len(records)} prompts x {args.num_samples} = {total} generations "
+        f"({stopped} stopped, {total - stopped} cut at {cfg.max_new_tokens} tokens) "
+        f"to {args.out}"
+    )
+    return 0

@@ -1,0 +1,92 @@
+"""Tiny offline models and tokenizers, built in-process (no hub, no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_PROMPTS = REPO / "experiments" / "data" / "tldr_demo.jsonl"
+
+
+def _corpus() -> list[str]:
+    rows = [json.loads(line) for line in DEMO_PROMPTS.read_text().splitlines()]
+    return [f"{r['title']} {r['post']} {r['summary']}" for r in rows]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) with ~400 tokens, trained on the shipped demo posts."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+    )
+
+
+def build_tiny_model(family: str, vocab_size: int, eos_id: int, seed: int = 0) -> PreTrainedModel:
+    """A 2-layer random GPT-2 (tied embeddings) or GPT-J (untied, rotary) for fast tests."""
+    torch.manual_seed(seed)
+    common = {
+        "vocab_size": vocab_size,
+        "n_positions": 512,
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 4,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,
+    }
+    if family == "gpt2":
+        model: PreTrainedModel = GPT2LMHeadModel(GPT2Config(**common))
+    elif family == "gptj":
+        model = GPTJForCausalLM(GPTJConfig(rotary_dim=4, tie_word_embeddings=False, **common))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+@pytest.fixture(params=["gpt2", "gptj"])
+def tiny_model(request, tiny_tokenizer) -> PreTrainedModel:
+    return build_tiny_model(request.param, len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer) -> Path:
+    """A saved tiny GPT-J checkpoint folder (model + tokenizer), loadable by path."""
+    model = build_tiny_model("gptj", len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
+    folder = tmp_path / "tiny-gptj"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tldr_dev() -> Path:
+    path = SHARED_DATA / "tldr_dev.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path
