@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from alignment.conditioning import Placement
+from alignment.errors import UserError
+from alignment.losses import KLDirection
 
 
 @dataclass
@@ -34,3 +44,221 @@ class SamplingConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"sampling.{name} must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "embedded:smollm2-135m-instruct"
+    """Initial policy: hub id, local path or embedded: name."""
+    reference: str | None = None
+    """Reference policy for KL and perplexity; None = the initial policy."""
+    dtype: str = "float32"
+    device: str | None = None
+    """None = cuda when available, else cpu."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = "demo"
+    """Prompt set (JSONL); 'demo' = the TL;DR-format set shipped in experiments/data."""
+    eval_prompts: str | None = None
+    """Held-out prompt set; None = the last `num_eval_prompts` rows of train_prompts."""
+    num_eval_prompts: int = 8
+    prompts_per_iteration: int = 16
+    """Prompts drawn (without replacement, seeded per iteration) for each iteration."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "embedded:minilm-l6"
+    """Reward spec understood by rewards.load_reward (name, path or module:function)."""
+    batch_size: int = 32
+
+
+@dataclass
+class QuarkConfig:
+    """Quantiles, control tokens and the data pool (reference spec sections 2-3)."""
+
+    num_quantiles: int = 5
+    scope: Literal["prompt", "global"] = "prompt"
+    samples_per_prompt: int = 10
+    """Generations drawn per prompt per iteration (ALT: 96)."""
+    num_samples_per_quantile: int = 2
+    drop_factor: float = 1.0
+    """Fraction of the pool dropped before adding an iteration's samples (ALT: 1.0)."""
+    control_placement: Placement = "prefix"
+    """prefix: ALT's layout; suffix: right before the generation (see conditioning.py)."""
+
+
+@dataclass
+class TrainConfig:
+    """The conditional-LM objective and its optimizer (reference spec section 4)."""
+
+    learning_rate: float = 2e-5
+    adam_betas: tuple[float, float] = (0.8, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 3e-7
+    warmup_ratio: float = 0.05
+    num_epochs: int = 2
+    batch_size: int = 8
+    entropy_coef: float = 0.06
+    kl_coef: float = 0.0
+    """0 disables the KL term and skips loading a reference for training."""
+    kl_direction: KLDirection = "ref_policy"
+    """ref_policy: KL(ref || policy) as ALT; policy_ref: original Quark's direction."""
+    unfrozen_layers_ratio: float = 0.3
+    """Top fraction of transformer blocks that train; embeddings, final norm and head always do."""
+    max_grad_norm: float | None = None
+    reset_optimizer: bool = True
+    """Fresh optimizer and warm-up every iteration (ALT) instead of one continued schedule."""
+
+
+@dataclass
+class EvalConfig:
+    samples_per_prompt: int = 4
+    greedy: bool = True
+    """Also decode greedily (one generation per prompt), as ALT validates."""
+
+
+@dataclass
+class Config:
+    """A whole run. YAML files and `key=value` overrides hold only what differs from here."""
+
+    algorithm: Literal["quark"] = "quark"
+    out_dir: str = "runs/demo"
+    iterations: int = 3
+    seed: int = 42
+    report_to: list[str] = field(default_factory=list)
+    """Extra trackers through accelerate: 'tensorboard', 'wandb'."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    quark: QuarkConfig = field(default_factory=QuarkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "iterations": self.iterations,
+            "data.prompts_per_iteration": self.data.prompts_per_iteration,
+            "data.num_eval_prompts": self.data.num_eval_prompts,
+            "quark.num_quantiles": self.quark.num_quantiles,
+            "quark.samples_per_prompt": self.quark.samples_per_prompt,
+            "quark.num_samples_per_quantile": self.quark.num_samples_per_quantile,
+            "train.num_epochs": self.train.num_epochs,
+            "train.batch_size": self.train.batch_size,
+            "eval.samples_per_prompt": self.eval.samples_per_prompt,
+            "reward.batch_size": self.reward.batch_size,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if not 0.0 <= self.quark.drop_factor <= 1.0:
+            raise ValueError("quark.drop_factor must be in [0, 1]")
+        if not 0.0 <= self.train.unfrozen_layers_ratio <= 1.0:
+            raise ValueError("train.unfrozen_layers_ratio must be in [0, 1]")
+        if self.train.kl_coef < 0 or self.train.entropy_coef < 0:
+            raise ValueError("train.kl_coef and train.entropy_coef must be >= 0")
+        unknown = set(self.report_to) - {"tensorboard", "wandb"}
+        if unknown:
+            raise ValueError(f"report_to: unknown tracker(s) {sorted(unknown)}")
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `a.b=value` overrides; every error names the key."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such config file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: invalid YAML ({err})") from err
+        if not isinstance(tree, dict):
+            raise UserError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return _build(Config, tree, "")
+    except ValueError as err:
+        raise UserError(f"config {path or '<defaults>'}: {err}") from err
+
+
+def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in tree:
+        if key not in names:
+            raise ValueError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in tree.items():
+        key, hint = prefix + name, hints[name]
+        if is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"'{key}' must be a section (mapping)")
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (UnionType, Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"'{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"'{key}' must be a list, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ValueError(f"'{key}' must have {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+        return [_coerce(v, args[0], key) for v in value]
+    if hint is float and not isinstance(value, bool):
+        # YAML 1.1 reads "2e-5" (no dot) as a string; accept what float() accepts.
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"'{key}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain data for YAML (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(asdict(config))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

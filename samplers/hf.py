@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.conditioning import control_token_ids
 from alignment.config import SamplingConfig
+from alignment.errors import UserError
 from samplers import Generation
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,13 @@ class HFSampler:
         self.tokenizer = tokenizer
         self.config = config
         self.stop_ids = self._stop_ids()
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and config.max_prompt_tokens + config.max_new_tokens > limit:
+            raise UserError(
+                f"sampling.max_prompt_tokens + max_new_tokens = "
+                f"{config.max_prompt_tokens + config.max_new_tokens} exceeds the model's "
+                f"{limit} positions"
+            )
 
     def _stop_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

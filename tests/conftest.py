@@ -27,8 +27,7 @@ def _corpus() -> list[str]:
     return [f"{r['title']} {r['post']} {r['summary']}" for r in rows]
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style) with ~400 tokens, trained on the shipped demo posts."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,12 +46,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer()
+
+
 def build_tiny_model(family: str, vocab_size: int, eos_id: int, seed: int = 0) -> PreTrainedModel:
     """A 2-layer random GPT-2 (tied embeddings) or GPT-J (untied, rotary) for fast tests."""
     torch.manual_seed(seed)
     common = {
         "vocab_size": vocab_size,
-        "n_positions": 512,
+        "n_positions": 1024,
         "n_embd": 32,
         "n_layer": 2,
         "n_head": 4,

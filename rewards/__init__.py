@@ -1,0 +1,128 @@
+"""Rewards: one protocol, three model backends, and any Python function.
+
+`load_reward(spec, **options)` turns the name a user types into a Reward:
+
+- `embedded` or `embedded:minilm-l6`: EmbeddedSummaryReward, TL;DR summary quality, offline.
+- `value-head:BACKBONE:WEIGHTS`: ValueHeadReward in the CarperAI layout. BACKBONE (hub id or
+  folder) gives the config and tokenizer, WEIGHTS (`.safetensors`, or `.bin` loaded weights-only;
+  the spec is split at its last colon) gives every weight.
+- `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: FunctionReward around a trl-style function.
+- `classifier:NAME`, or a bare hub id or folder: ClassifierReward, any sequence classifier.
+
+`options` are the backend's keyword arguments (`batch_size`, `device`, `label`, `template`,
+`tokenizer`, ...); for a function they are passed to every call. The CarperAI TL;DR RM is
+`value-head:CarperAI/openai_summarize_tldr_sft:PATH/pytorch_model.bin` with
+`tokenizer=EleutherAI/gpt-j-6b`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alignment.errors import UserError
+from rewards.base import FunctionReward, Reward, RewardBase
+
+log = logging.getLogger(__name__)
+
+__all__ = ["REWARDS", "FunctionReward", "Reward", "RewardBase", "load_function", "load_reward"]
+
+_FUNCTION_SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*|.+\.py):(?P<attr>[A-Za-z_]\w*)$")
+_EMBEDDED_REWARDS = {"embedded", "embedded:minilm-l6"}
+
+
+def _embedded(target: str, **options: Any) -> Reward:
+    if target not in _EMBEDDED_REWARDS:
+        raise UserError(f"{target!r} is not a reward; embedded rewards: embedded:minilm-l6")
+    from rewards.embedded import EmbeddedSummaryReward
+
+    return _construct(EmbeddedSummaryReward, target, "embedded:minilm-l6", **options)
+
+
+def _value_head(target: str, **options: Any) -> Reward:
+    backbone, _, weights = target.removeprefix("value-head:").rpartition(":")
+    if not backbone or not weights:
+        raise UserError(f"{target!r}: write value-head:BACKBONE:WEIGHTS_FILE")
+    from rewards.value_head import ValueHeadReward
+
+    return _construct(ValueHeadReward, target, backbone, weights, **options)
+
+
+def _classifier(target: str, **options: Any) -> Reward:
+    from rewards.classifier import ClassifierReward
+
+    return _construct(ClassifierReward, target, target.removeprefix("classifier:"), **options)
+
+
+def _function(target: str, **options: Any) -> Reward:
+    if options.pop("device", None) is not None:
+        log.info("reward %s is a Python function: --device does not apply", target)
+    found = load_function(target)
+    if isinstance(found, Reward):
+        if options:
+            raise UserError(f"{target} is a ready reward object; it takes no options")
+        return found
+    return FunctionReward(found, target.rpartition(":")[2], **options)
+
+
+# Which backend builds a spec, by the text before its first colon.
+REWARDS: dict[str, Callable[..., Reward]] = {
+    "embedded": _embedded,
+    "value-head": _value_head,
+    "classifier": _classifier,
+}
+
+
+def load_reward(spec: str, **options: Any) -> Reward:
+    """Build the reward a spec names (module docstring); unknown options are a UserError."""
+    spec = spec.strip()
+    prefix = spec.partition(":")[0]
+    if prefix in REWARDS:
+        return REWARDS[prefix](spec, **options)
+    if _FUNCTION_SPEC.match(spec):
+        return _function(spec, **options)
+    return _classifier(spec, **options)
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import `module:attr` or `file.py:attr`; the module must be importable (or a file)."""
+    match = _FUNCTION_SPEC.match(spec)
+    if not match:
+        raise UserError(f"{spec!r}: a function reward is written module:function")
+    module_name, attr = match["module"], match["attr"]
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (reward {spec})")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UserError(f"{path}: cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules.setdefault(path.stem, module)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            raise UserError(f"reward {spec}: cannot import module {module_name!r} ({err})") from err
+    function = getattr(module, attr, None)
+    if function is None or not callable(function):
+        raise UserError(f"reward {spec}: {module_name} has no callable {attr!r}")
+    return function
+
+
+def _construct(factory: Callable[..., Reward], spec: str, *args: Any, **options: Any) -> Reward:
+    """Call a backend constructor, turning an unknown or missing option into a UserError."""
+    try:
+        inspect.signature(factory).bind(*args, **options)
+    except TypeError as err:
+        takes = [p for p in inspect.signature(factory).parameters if p not in ("self",)]
+        raise UserError(f"reward {spec}: {err}; options it takes: {', '.join(takes)}") from err
+    return factory(*args, **options)
