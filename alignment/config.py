@@ -103,6 +103,12 @@ class TrainConfig:
     num_epochs: int = 2
     batch_size: int = 8
     entropy_coef: float = 0.06
+    mask_control_logits: bool = True
+    """Leave the control tokens out of the softmax, as the sampler does. With tied embeddings
+    (GPT-2, SmolLM2) the NLL otherwise pushes every control row down by the same output-side
+    gradient, which swamps the input-side signal that tells the rows apart. False = ALT exactly."""
+    control_lr_multiplier: float = 1.0
+    """Scale the optimizer step of the control-token embedding rows (ALT: 1)."""
     kl_coef: float = 0.0
     """0 disables the KL term and skips loading a reference for training."""
     kl_direction: KLDirection = "ref_policy"

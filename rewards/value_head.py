@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from alignment.errors import UserError
-from alignment.models import _DTYPES, default_device, load_tokenizer, resolve_model_path
+from alignment.models import default_device, load_tokenizer, resolve_model_path, torch_dtype
 from rewards.base import RewardBase, Scores, check_pairs, pad_batch, score_by_length
 from rewards.functions import TLDR_MARKER, split_tldr
 
@@ -67,8 +67,7 @@ def build_value_head_model(
     backbone: str, weights: str | Path, *, dtype: str, device: str, trust_remote_code: bool
 ) -> ValueHeadModel:
     """Build the architecture from `backbone`'s config and load every weight from `weights`."""
-    if dtype not in _DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(_DTYPES)}")
+    torch_dtype(dtype)
     state = load_state_dict_file(weights)
     try:
         config = AutoConfig.from_pretrained(
@@ -79,9 +78,9 @@ def build_value_head_model(
     # Random init directly on the target device is cheap next to moving 6B weights twice.
     with torch.device(device):
         transformer = AutoModel.from_config(
-            config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+            config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         )
-        model = ValueHeadModel(transformer, config.hidden_size).to(_DTYPES[dtype])
+        model = ValueHeadModel(transformer, config.hidden_size).to(torch_dtype(dtype))
     expected = set(model.state_dict())
     state = {k: v for k, v in state.items() if k in expected or not _IGNORED_KEYS.search(k)}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)

@@ -29,14 +29,3 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
         return SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
     except ValueError as err:
         raise UserError(str(err)) from err
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n), with 0 <= i < n."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError as err:
-        raise UserError(f"--shard must look like i/n, got {text!r}") from err
-    if count < 1 or not 0 <= index < count:
-        raise UserError(f"--shard {text}: need 0 <= i < n")
-    return index, count

@@ -1,4 +1,7 @@
-"""`quark-alt config CONFIG [key=value ...]`: print the resolved config (defaults + file + overrides)."""
+"""`quark-alt config CONFIG [key=value ...]`: print the resolved config.
+
+Defaults from alignment/config.py, then the file, then the overrides.
+"""
 
 from __future__ import annotations
 

@@ -8,10 +8,11 @@ import logging
 from alignment.conditioning import condition_prompt, has_control_tokens, quantile_token
 from alignment.config import SamplingConfig
 from alignment.errors import UserError
+from alignment.io import parse_shard
 from alignment.models import load_model_and_tokenizer
 from alignment.prompts import load_prompts
 from alignment.records import SampleRecord, save_samples
-from experiments.commands.common import add_sampling_arguments, parse_shard, sampling_config
+from experiments.commands.common import add_sampling_arguments, sampling_config
 from samplers import HFSampler
 
 log = logging.getLogger(__name__)

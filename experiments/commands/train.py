@@ -11,15 +11,24 @@ from rewards import load_reward
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML file with what differs from the defaults")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. train.learning_rate=1e-4")
+    parser.add_argument(
+        "config",
+        help="YAML file with what differs from the defaults; "
+        "'-' for none (defaults and overrides only)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.learning_rate=1e-4",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    reward = load_reward(config.reward.name, batch_size=config.reward.batch_size,
-                         device=config.model.device)
+    config = load_config(None if args.config == "-" else args.config, args.overrides)
+    reward = load_reward(
+        config.reward.name, batch_size=config.reward.batch_size, device=config.model.device
+    )
     metrics = run_loop(config, reward.score)
     print(format_table(metrics))
     print(f"run directory: {config.out_dir} (metrics.jsonl, plots/, checkpoints/)")
@@ -27,13 +36,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(metrics: list[dict]) -> str:
-    """Per iteration: held-out reward (sampled mean +- stderr, greedy), ref perplexity, KL, length."""
-    header = (f"{'iter':>4}  {'reward (sampled)':>18}  {'greedy':>7}  {'ref ppl':>8}  "
-              f"{'KL':>7}  {'length':>6}")
+    """Held-out reward (sampled mean +- stderr; greedy), ref perplexity, KL and length."""
+    header = (
+        f"{'iter':>4}  {'reward (sampled)':>18}  {'greedy':>7}  {'ref ppl':>8}  "
+        f"{'KL':>7}  {'length':>6}"
+    )
     lines = [header, "-" * len(header)]
     for row in metrics:
         sampled = f"{row['reward_mean']:.3f} +- {row['reward_stderr']:.3f}"
         greedy = row.get("greedy_reward_mean", math.nan)
-        lines.append(f"{row['iteration']:>4}  {sampled:>18}  {greedy:>7.3f}  "
-                     f"{row['ref_perplexity']:>8.2f}  {row['kl']:>7.2f}  {row['length']:>6.1f}")
+        lines.append(
+            f"{row['iteration']:>4}  {sampled:>18}  {greedy:>7.3f}  "
+            f"{row['ref_perplexity']:>8.2f}  {row['kl']:>7.2f}  {row['length']:>6.1f}"
+        )
     return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""The Quark loop end to end on a toy task: it learns, it writes its run, it resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from toy import TOY_OVERRIDES, count_e_words, write_toy_task
+
+from alignment.conditioning import condition_prompt, control_token_ids, quantile_token
+from alignment.config import SamplingConfig, load_config
+from alignment.loop import run
+from alignment.models import load_model_and_tokenizer
+from alignment.prompts import load_prompts
+from experiments.cli import main
+from samplers import HFSampler
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return write_toy_task(tmp_path)
+
+
+def toy_config(tmp_path, toy, *extra):
+    model_dir, prompts = toy
+    return load_config(
+        None,
+        [
+            *TOY_OVERRIDES,
+            f"out_dir={tmp_path / 'run'}",
+            f"model.policy={model_dir}",
+            f"data.train_prompts={prompts}",
+            *extra,
+        ],
+    )
+
+
+def train_cli(tmp_path, toy, *extra):
+    """`quark-alt train - ...` in-process on the toy task; returns the exit status."""
+    model_dir, prompts = toy
+    return main(
+        [
+            "train",
+            "-",
+            *TOY_OVERRIDES,
+            f"out_dir={tmp_path / 'run'}",
+            f"model.policy={model_dir}",
+            f"data.train_prompts={prompts}",
+            "reward.name=toy:count_e_words",
+            *extra,
+        ]
+    )
+
+
+def mean_reward(model_dir, prompts, control, placement="prefix"):
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), device="cpu")
+    sampler = HFSampler(
+        model, tokenizer, SamplingConfig(max_new_tokens=8, max_prompt_tokens=64, keep_tail_tokens=8)
+    )
+    texts = [condition_prompt(p, control, placement) for p in prompts]
+    gens = [g.text for gs in sampler.sample(texts, 8, seed=123) for g in gs]
+    return sum(count_e_words(None, gens)) / len(gens)
+
+
+def test_quark_learns_the_toy_reward(tmp_path, toy):
+    """The algorithm, not the plumbing: the best token beats the worst and the initial policy."""
+    config = toy_config(tmp_path, toy)
+    metrics = run(config, count_e_words)
+    initial, final = metrics[0], metrics[-1]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
+    # Held-out prompts, sampled, conditioned on _QUANTILE_TOKEN_0_ (initial: unconditioned).
+    assert final["reward_mean"] > initial["reward_mean"] + 1.0
+    assert final["reward_mean"] - initial["reward_mean"] > 3 * (
+        final["reward_stderr"] + initial["reward_stderr"]
+    )
+    held_out = [r.prompt for r in load_prompts(toy[1])][-8:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "iter_003"
+    best = mean_reward(checkpoint, held_out, quantile_token(0))
+    worst = mean_reward(checkpoint, held_out, quantile_token(4))
+    assert best > worst + 1.0, (best, worst)
+
+
+def test_run_directory_layout_and_rerun_is_a_no_op(tmp_path, toy):
+    config = toy_config(
+        tmp_path, toy, "iterations=1", "train.unfrozen_layers_ratio=0.5", "train.num_epochs=1"
+    )
+    run(config, count_e_words)
+    out = tmp_path / "run"
+    for name in [
+        "config.yaml",
+        "state.json",
+        "metrics.jsonl",
+        "iter_000/eval.json",
+        "iter_001/samples.jsonl",
+        "iter_001/scored.jsonl",
+        "iter_001/pool.jsonl",
+        "iter_001/train_log.jsonl",
+        "iter_001/eval.json",
+        "plots/reward_per_iteration.png",
+        "plots/reward_by_quantile.png",
+    ]:
+        assert (out / name).is_file(), name
+    assert "git_revision" in json.loads((out / "state.json").read_text())
+    checkpoint = out / "checkpoints" / "iter_001"
+    card = (checkpoint / "README.md").read_text()
+    assert "_QUANTILE_TOKEN_0_" in card and "quark-alt generate" in card
+    trained, tokenizer = load_model_and_tokenizer(str(checkpoint), device="cpu")
+    initial, _ = load_model_and_tokenizer(str(toy[0]), device="cpu")
+    assert len(control_token_ids(tokenizer)) == 5
+    # bottom block frozen, top block and embeddings trained
+    assert torch.equal(
+        trained.transformer.h[0].mlp.c_fc.weight, initial.transformer.h[0].mlp.c_fc.weight
+    )
+    assert not torch.equal(
+        trained.transformer.h[1].mlp.c_fc.weight, initial.transformer.h[1].mlp.c_fc.weight
+    )
+    assert not torch.equal(trained.transformer.wte.weight[:100], initial.transformer.wte.weight)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl") if "iter_" in str(p)}
+    run(config, count_e_words)  # same command again: nothing redone
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_train_cli_prints_the_table(tmp_path, toy, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    rc = train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1")
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "reward (sampled)" in out and "ref ppl" in out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 2
+
+
+def test_refuses_a_run_directory_of_another_config(tmp_path, toy, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    config = toy_config(tmp_path, toy, "iterations=1", "train.num_epochs=1")
+    run(config, count_e_words)
+    rc = train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1", "train.learning_rate=0.5")
+    assert rc == 2
+    assert "differs in: train.learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["train.learning_rte=1"], "unknown key 'train.learning_rte'"),
+        (["data.train_prompts=EMPTY"], "no usable prompt rows"),
+        (["out_dir=BLOCKED/run"], "cannot write here"),
+    ],
+)
+def test_bad_input_exits_2(tmp_path, toy, capsys, monkeypatch, extra, message):
+    monkeypatch.syspath_prepend(str(HERE))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    extra = [e.replace("EMPTY", str(empty)).replace("BLOCKED", str(blocked)) for e in extra]
+    rc = train_cli(tmp_path, toy, *extra)
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ crash and resume
+
+
+def _train_command(out, toy, reward):
+    model_dir, prompts = toy
+    return [
+        sys.executable,
+        "-m",
+        "experiments.cli",
+        "train",
+        "-",
+        *TOY_OVERRIDES,
+        "iterations=2",
+        f"out_dir={out}",
+        f"model.policy={model_dir}",
+        f"data.train_prompts={prompts}",
+        f"reward.name=toy:{reward}",
+    ]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}
+
+
+# Kill once this file appears (the stage after it is then running) during iteration 2.
+KILL_WHEN = {
+    "sampling": "checkpoints/iter_001",
+    "scoring": "iter_002/samples.jsonl",
+    "training": "iter_002/pool.jsonl",
+}
+
+
+@pytest.mark.parametrize("stage", sorted(KILL_WHEN))
+def test_sigkill_then_rerun_matches_an_unbroken_run(tmp_path, toy, stage):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    command = _train_command(broken, toy, "slow_count_e_words")
+    proc = subprocess.Popen(
+        command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    marker = broken / KILL_WHEN[stage]
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (broken / "iter_002" / "eval.json").exists()
+    subprocess.run(command, env=_env(), cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        _train_command(unbroken, toy, "count_e_words"),
+        env=_env(),
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    for name in ["iter_001/pool.jsonl", "iter_002/pool.jsonl"]:
+        assert (broken / name).read_text() == (unbroken / name).read_text(), name
+    rows = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert not list(broken.rglob(".*tmp*"))  # no half-written file left behind

@@ -1,0 +1,81 @@
+import errno
+import json
+import os
+
+import pytest
+
+from alignment.errors import UserError
+from alignment.io import atomic_write, parse_shard, write_jsonl
+from alignment.records import SampleRecord, load_samples, save_samples
+
+
+def test_full_disk_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [{"a": 1}])
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(UserError, match="No space left on device"):
+        write_jsonl(path, [{"a": 2}])
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_a_crash_inside_the_block_writes_nothing(tmp_path):
+    path = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError), atomic_write(path) as handle:
+        handle.write("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_alt_file_round_trip_keeps_unknown_fields(tmp_path):
+    path = tmp_path / "alt.jsonl"
+    path.write_text(
+        json.dumps(
+            {"prompt": "p", "generations": ["a", "b"], "rewards": [1, None], "source": "alt"}
+        )
+        + "\n"
+    )
+    record = load_samples(path)[0]
+    assert record.rewards == [1.0, None] and record.extra == {"source": "alt"}
+    record.rewards = [float("nan"), 2.0]
+    save_samples(path, [record])
+    assert json.loads(path.read_text()) == {
+        "prompt": "p",
+        "generations": ["a", "b"],
+        "rewards": [None, 2.0],
+        "source": "alt",
+    }
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"generations": ["a"]}, "s.jsonl:2: field 'prompt' is missing"),
+        ({"prompt": "p", "generations": []}, "s.jsonl:2: field 'generations' is empty"),
+        (
+            {"prompt": "p", "generations": ["a"], "rewards": [1, 2]},
+            "s.jsonl:2: field 'rewards' has 2 entries but 'generations' has 1",
+        ),
+        (
+            {"prompt": "p", "generations": ["a"], "finish_reasons": ["eos"]},
+            "s.jsonl:2: field 'finish_reasons' has a value of the wrong type",
+        ),
+    ],
+)
+def test_bad_records_name_file_line_and_field(tmp_path, row, message):
+    path = tmp_path / "s.jsonl"
+    good = SampleRecord(prompt="p", generations=["a"]).to_json()
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_samples(path)
+
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(UserError):
+            parse_shard(bad)
