@@ -141,7 +141,9 @@ def test_train_cli_prints_the_table(tmp_path, toy, capsys, monkeypatch):
 
 def test_refuses_a_run_directory_of_another_config(tmp_path, toy, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
-    config = toy_config(tmp_path, toy, "iterations=1", "train.num_epochs=1")
+    config = toy_config(
+        tmp_path, toy, "iterations=1", "train.num_epochs=1", "reward.name=toy:count_e_words"
+    )
     run(config, count_e_words)
     rc = train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1", "train.learning_rate=0.5")
     assert rc == 2
