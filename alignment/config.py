@@ -74,6 +74,8 @@ class RewardConfig:
     name: str = "embedded:minilm-l6"
     """Reward spec understood by rewards.load_reward (name, path or module:function)."""
     batch_size: int = 32
+    options: dict[str, str] = field(default_factory=dict)
+    """Backend keyword arguments, e.g. {tokenizer: EleutherAI/gpt-j-6b} for the CarperAI RM."""
 
 
 @dataclass
@@ -176,9 +178,9 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file <- `a.b=value` overrides; every error names the key."""
+    """Defaults <- YAML file ('-' or None: none) <- `a.b=value` overrides; errors name the key."""
     tree: dict[str, Any] = {}
-    if path is not None:
+    if path is not None and str(path) != "-":
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such config file")
@@ -234,6 +236,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value not in args:
             raise ValueError(f"'{key}' must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"'{key}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ValueError(f"'{key}' must be a list, got {value!r}")

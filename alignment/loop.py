@@ -13,17 +13,17 @@ import logging
 import random
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.conditioning import add_control_tokens, condition_prompt, quantile_token
 from alignment.config import Config, config_to_dict, dump_config
 from alignment.errors import UserError
-from alignment.evaluation import evaluate
+from alignment.evaluation import ScoreFn, evaluate
 from alignment.io import atomic_write, write_jsonl
 from alignment.metrics import summarize_rewards_by_quantile
 from alignment.models import load_model_and_tokenizer
@@ -36,7 +36,6 @@ from samplers import HFSampler
 
 log = logging.getLogger(__name__)
 
-ScoreFn = Callable[[Sequence[str], Sequence[str]], list[float | None]]
 # Keys that may change between runs of the same run directory without invalidating it.
 RESUMABLE_KEYS = {"iterations", "report_to"}
 
@@ -57,7 +56,12 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
         cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
     )
     if config.report_to:
-        accelerator.init_trackers("quark-alt", config=_flat(config_to_dict(config)))
+        # trackers take scalars only (TensorBoard's hparams refuse lists)
+        hparams = {
+            k: v if isinstance(v, int | float | str | bool) else str(v)
+            for k, v in _flat(config_to_dict(config)).items()
+        }
+        accelerator.init_trackers("quark-alt", config=hparams)
     models = _load_models(config, out)
     sampler = HFSampler(models.policy, models.tokenizer, config.sampling)
     trainer = ConditionalTrainer(
@@ -152,7 +156,8 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
         evaluate_into(it_dir / "eval.json", conditioned=True, iteration=iteration)
         metrics = _write_metrics(out, config)
         if config.report_to:
-            accelerator.log(metrics[-1], step=iteration)
+            scalars = {f"eval/{k}": v for k, v in metrics[-1].items() if isinstance(v, float)}
+            accelerator.log(scalars, step=iteration)
     if config.report_to:
         accelerator.end_training()
     return _write_metrics(out, config)
@@ -163,8 +168,6 @@ def _claim_run_dir(out: Path, config: Config) -> None:
     saved = out / "config.yaml"
     current = config_to_dict(config)
     if saved.exists():
-        import yaml
-
         previous = yaml.safe_load(saved.read_text())
         differ = sorted(
             k

@@ -241,7 +241,8 @@ class ConditionalTrainer:
             num_added_tokens=logits.shape[-1]
             - (ref_logits.shape[-1] if ref_logits is not None else logits.shape[-1]),
         )
-        assert self.optimizer is not None and self.scheduler is not None
+        if self.optimizer is None or self.scheduler is None:
+            raise RuntimeError("train() builds the optimizer before the first step")
         self.accelerator.backward(loss)
         if cfg.max_grad_norm is not None:
             stats["grad_norm"] = float(

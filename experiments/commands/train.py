@@ -25,9 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(None if args.config == "-" else args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
     reward = load_reward(
-        config.reward.name, batch_size=config.reward.batch_size, device=config.model.device
+        config.reward.name,
+        batch_size=config.reward.batch_size,
+        device=config.model.device,
+        **config.reward.options,
     )
     metrics = run_loop(config, reward.score)
     print(format_table(metrics))

@@ -130,6 +130,14 @@ def test_run_directory_layout_and_rerun_is_a_no_op(tmp_path, toy):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
+def test_tensorboard_tracker_gets_the_metrics(tmp_path, toy):
+    config = toy_config(
+        tmp_path, toy, "iterations=1", "train.num_epochs=1", "report_to=[tensorboard]"
+    )
+    run(config, count_e_words)
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
 def test_train_cli_prints_the_table(tmp_path, toy, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
     rc = train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1")

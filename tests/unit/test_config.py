@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.config import Config, dump_config, load_config
+from alignment.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "tldr_gptj_quark.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    # the resolved config written to a run directory loads back to the same config
+    resolved = tmp_path / "config.yaml"
+    resolved.write_text(dump_config(config))
+    assert load_config(resolved) == config
+
+
+def test_published_gptj_setup():
+    config = load_config(next(p for p in CONFIGS if p.name == "tldr_gptj_quark.yaml"))
+    assert config.quark.num_quantiles == 5 and config.quark.samples_per_prompt == 96
+    assert config.train.unfrozen_layers_ratio == 0.3 and config.train.learning_rate == 2e-5
+    assert config.train.adam_betas == (0.8, 0.999) and config.quark.drop_factor == 1.0
+
+
+def test_overrides_apply_in_order_with_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"learning_rate": "2e-5"}, "iterations": 2}))
+    config = load_config(
+        path,
+        [
+            "train.learning_rate=1e-3",
+            "reward.options={tokenizer: gptj}",
+            "model.reference=null",
+            "train.max_grad_norm=1",
+        ],
+    )
+    assert config.train.learning_rate == 1e-3 and config.iterations == 2
+    assert config.reward.options == {"tokenizer": "gptj"}
+    assert config.model.reference is None and config.train.max_grad_norm == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trian.learning_rate=1"], "unknown key 'trian'"),
+        (["train.lr=1"], "unknown key 'train.lr'"),
+        (["train.batch_size=eight"], "'train.batch_size' must be int"),
+        (["train.reset_optimizer=3"], "'train.reset_optimizer' must be bool"),
+        (["quark.scope=everywhere"], "'quark.scope' must be one of"),
+        (["train.adam_betas=[0.9]"], "'train.adam_betas' must have 2 items"),
+        (["iterations=0"], "iterations must be >= 1"),
+        (["train=1"], "'train' must be a section"),
+        (["novalue"], "must look like key=value"),
+    ],
+)
+def test_bad_keys_and_types_are_named(overrides, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[")):
+        load_config(None, overrides)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(bad)
