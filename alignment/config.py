@@ -119,7 +119,8 @@ class TrainConfig:
     """Top fraction of transformer blocks that train; embeddings, final norm and head always do."""
     max_grad_norm: float | None = None
     reset_optimizer: bool = True
-    """Fresh optimizer and warm-up every iteration (ALT) instead of one continued schedule."""
+    """Fresh optimizer and warm-up every iteration (ALT) instead of one continued schedule
+    (optimizer state is not checkpointed: a resumed run starts the continued schedule anew)."""
 
 
 @dataclass
