@@ -1,19 +1,30 @@
-"""Control tokens `_QUANTILE_TOKEN_k_` (0 = best) and the conditioned prompt built from them.
+"""How a reward-conditioned policy is told what quality to aim for: the `Conditioning` strategy.
 
-One pair of functions, `condition_prompt` / `strip_condition`, is used by the sampler, the
-trainer, evaluation and `quark-alt generate`, so the string seen at training time is exactly the
-one seen at inference time (reference spec pitfall 14).
+Quark conditions on new control tokens `_QUANTILE_TOKEN_k_` (0 = best); ALT conditions on text
+(feedback phrases). Both are a list of control strings indexed by quantile, attached to the raw
+prompt at one placement, so one `Conditioning` object serves the sampler prompts, the trainer
+inputs, evaluation and `quark-alt generate`. The string a policy sees at training time must be
+exactly the one it sees at inference: a stray space or a different position is a different input
+to the model, and a conditioned policy then silently behaves like an unconditioned one.
+A checkpoint stores its `Conditioning` as JSON, so inference conditions it the way it was trained.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignment.errors import UserError
+
 Placement = Literal["prefix", "suffix"]
+ConditioningKind = Literal["tokens", "text"]
+CONDITIONING_FILE = "conditioning.json"
 QUANTILE_TOKEN_RE = re.compile(r"_QUANTILE_TOKEN_(\d+)_")
 
 
@@ -82,11 +93,12 @@ def add_control_tokens(
 ) -> list[int]:
     """Add `_QUANTILE_TOKEN_0_..K-1_` to tokenizer and model; return their ids. Idempotent.
 
-    New input rows are drawn from N(mean_d, std_d) of the existing rows, per dimension (reference
-    spec section 2.1). With untied embeddings the output rows are set the same way from the
-    output matrix (and a head bias to the mean bias) rather than left to library defaults
-    (pitfall 11). The embedding never shrinks: GPT-J's matrix (50,400) is larger than its
-    original BPE vocabulary.
+    New input rows are drawn from N(mean_d, std_d) of the existing rows, per dimension, as ALT
+    does: a new row then looks like a typical token to the first block instead of an outlier.
+    With untied embeddings the output rows are set the same way from the output matrix (and a
+    head bias to the mean bias): library defaults would give the new tokens a logit far from the
+    others'. The embedding never shrinks: GPT-J's matrix (50,400) is larger than its original
+    BPE vocabulary, and shrinking it would drop trained rows.
     """
     tokens = quantile_tokens(num_quantiles)
     missing = [t for t in tokens if t not in tokenizer.get_added_vocab()]
@@ -117,3 +129,69 @@ def _init_rows(
     mean, std = base.mean(dim=0), base.std(dim=0)
     noise = torch.randn((len(ids), weight.shape[1]), generator=generator)
     weight[ids] = (mean + std * noise).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Control strings by quantile (`controls[0]` = best) and where they go in the prompt.
+
+    `kind="tokens"`: the controls are new tokens that `prepare` adds to tokenizer and model
+    (Quark). `kind="text"`: the controls are ordinary text and nothing is added (ALT).
+    """
+
+    kind: ConditioningKind
+    controls: tuple[str, ...]
+    placement: Placement = "prefix"
+
+    def __post_init__(self) -> None:
+        if not self.controls:
+            raise ValueError("a conditioning needs at least one control string")
+        if self.placement not in ("prefix", "suffix"):
+            raise ValueError(f"unknown placement {self.placement!r}; use 'prefix' or 'suffix'")
+
+    @classmethod
+    def quantile_tokens(cls, num_quantiles: int, placement: Placement = "prefix") -> Conditioning:
+        return cls("tokens", tuple(quantile_tokens(num_quantiles)), placement)
+
+    @property
+    def best(self) -> str:
+        return self.controls[0]
+
+    def condition(self, prompt: str, quantile: int = 0) -> str:
+        """The raw prompt conditioned on quantile `quantile` (default: the best)."""
+        if not 0 <= quantile < len(self.controls):
+            raise ValueError(f"quantile {quantile} outside [0, {len(self.controls)})")
+        return condition_prompt(prompt, self.controls[quantile], self.placement)
+
+    def prepare(
+        self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, seed: int
+    ) -> None:
+        """Make the model able to read the controls: add the tokens (Quark); text needs nothing."""
+        if self.kind == "tokens":
+            add_control_tokens(tokenizer, model, len(self.controls), seed=seed)
+
+    def is_ready(self, tokenizer: PreTrainedTokenizerBase) -> bool:
+        """Whether `tokenizer` can express every control as trained (tokens added)."""
+        return self.kind == "text" or all(c in tokenizer.get_added_vocab() for c in self.controls)
+
+    def save(self, folder: str | Path) -> None:
+        """Write `conditioning.json` into a checkpoint folder (not atomic: the folder is)."""
+        data = {**asdict(self), "controls": list(self.controls)}
+        (Path(folder) / CONDITIONING_FILE).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> Conditioning | None:
+        """The conditioning a checkpoint was trained with; None for an unconditioned policy.
+
+        A folder without `conditioning.json` whose tokenizer has quantile tokens (a checkpoint of
+        an older version, or one made by ALT's code) is read as tokens at the prefix, ALT's layout.
+        """
+        path = Path(folder) / CONDITIONING_FILE
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                return cls(data["kind"], tuple(data["controls"]), data["placement"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise UserError(f"{path}: not a valid conditioning file ({err})") from err
+        ids = control_token_ids(tokenizer)
+        return cls.quantile_tokens(len(ids)) if ids else None

@@ -17,7 +17,7 @@ from alignment.losses import KLDirection
 
 @dataclass
 class SamplingConfig:
-    """How generations are drawn (reference spec section 1: ALT trains with T 0.9, top_p 0.9)."""
+    """How generations are drawn (ALT samples its training data with T 0.9, top_p 0.9)."""
 
     temperature: float = 0.9
     top_p: float = 0.9
@@ -67,6 +67,9 @@ class DataConfig:
     num_eval_prompts: int = 8
     prompts_per_iteration: int = 16
     """Prompts drawn (without replacement, seeded per iteration) for each iteration."""
+    samples_per_prompt: int = 10
+    """Generations drawn per prompt per iteration (ALT: 96); with prompts_per_iteration, the
+    sampling budget every algorithm is compared at."""
 
 
 @dataclass
@@ -79,23 +82,32 @@ class RewardConfig:
 
 
 @dataclass
-class QuarkConfig:
-    """Quantiles, control tokens and the data pool (reference spec sections 2-3)."""
+class PoolConfig:
+    """Quantiles and the data pool, shared by every reward-ranked method (Quark, RFT, ALT-RM).
+
+    ALT's defaults: K = 5 per-prompt quantiles, the whole pool replaced each iteration, two
+    samples per prompt and quantile drawn for training.
+    """
 
     num_quantiles: int = 5
     scope: Literal["prompt", "global"] = "prompt"
-    samples_per_prompt: int = 10
-    """Generations drawn per prompt per iteration (ALT: 96)."""
+    """prompt: rank each prompt's generations among themselves (ALT); global: over the pool."""
     num_samples_per_quantile: int = 2
     drop_factor: float = 1.0
     """Fraction of the pool dropped before adding an iteration's samples (ALT: 1.0)."""
-    control_placement: Placement = "prefix"
+
+
+@dataclass
+class ConditioningConfig:
+    """Where the control goes (the controls themselves follow from the algorithm)."""
+
+    placement: Placement = "prefix"
     """prefix: ALT's layout; suffix: right before the generation (see conditioning.py)."""
 
 
 @dataclass
 class TrainConfig:
-    """The conditional-LM objective and its optimizer (reference spec section 4)."""
+    """The conditional-LM objective and its optimizer (ALT's values; see docs/algorithm.md)."""
 
     learning_rate: float = 2e-5
     adam_betas: tuple[float, float] = (0.8, 0.999)
@@ -119,8 +131,9 @@ class TrainConfig:
     """Top fraction of transformer blocks that train; embeddings, final norm and head always do."""
     max_grad_norm: float | None = None
     reset_optimizer: bool = True
-    """Fresh optimizer and warm-up every iteration (ALT) instead of one continued schedule
-    (optimizer state is not checkpointed: a resumed run starts the continued schedule anew)."""
+    """Fresh optimizer state and warm-up every iteration (ALT) instead of one schedule over the
+    whole run. Either way the optimizer, scheduler and RNG state are checkpointed, so a resumed
+    run continues exactly."""
 
 
 @dataclass
@@ -130,11 +143,21 @@ class EvalConfig:
     """Also decode greedily (one generation per prompt), as ALT validates."""
 
 
+SHARED_SECTIONS = ("model", "data", "sampling", "reward", "eval")
+ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {
+    "quark": ("pool", "conditioning", "train"),
+    "rft": ("pool", "train"),
+}
+"""The config sections each algorithm reads besides the shared ones. A section written for one
+algorithm in a run of another is an error: it would be silently ignored."""
+
+
 @dataclass
 class Config:
     """A whole run. YAML files and `key=value` overrides hold only what differs from here."""
 
-    algorithm: Literal["quark"] = "quark"
+    algorithm: str = "quark"
+    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning)."""
     out_dir: str = "runs/demo"
     iterations: int = 3
     seed: int = 42
@@ -144,18 +167,23 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    quark: QuarkConfig = field(default_factory=QuarkConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHM_SECTIONS:
+            raise ValueError(
+                f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHM_SECTIONS)}"
+            )
         positive = {
             "iterations": self.iterations,
             "data.prompts_per_iteration": self.data.prompts_per_iteration,
             "data.num_eval_prompts": self.data.num_eval_prompts,
-            "quark.num_quantiles": self.quark.num_quantiles,
-            "quark.samples_per_prompt": self.quark.samples_per_prompt,
-            "quark.num_samples_per_quantile": self.quark.num_samples_per_quantile,
+            "data.samples_per_prompt": self.data.samples_per_prompt,
+            "pool.num_quantiles": self.pool.num_quantiles,
+            "pool.num_samples_per_quantile": self.pool.num_samples_per_quantile,
             "train.num_epochs": self.train.num_epochs,
             "train.batch_size": self.train.batch_size,
             "eval.samples_per_prompt": self.eval.samples_per_prompt,
@@ -164,8 +192,8 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
-        if not 0.0 <= self.quark.drop_factor <= 1.0:
-            raise ValueError("quark.drop_factor must be in [0, 1]")
+        if not 0.0 <= self.pool.drop_factor <= 1.0:
+            raise ValueError("pool.drop_factor must be in [0, 1]")
         if not 0.0 <= self.train.unfrozen_layers_ratio <= 1.0:
             raise ValueError("train.unfrozen_layers_ratio must be in [0, 1]")
         if self.train.kl_coef < 0 or self.train.entropy_coef < 0:
@@ -203,9 +231,29 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
                 raise UserError(f"override {item!r}: {part!r} is not a section")
         node[leaf] = yaml.safe_load(raw) if raw.strip() else None
     try:
-        return _build(Config, tree, "")
+        config = _build(Config, tree, "")
+        _check_sections(config.algorithm, tree)
     except ValueError as err:
         raise UserError(f"config {path or '<defaults>'}: {err}") from err
+    return config
+
+
+MOVED = {
+    "quark": "its settings moved: num_quantiles, scope, num_samples_per_quantile and drop_factor "
+    "to 'pool', control_placement to 'conditioning.placement', samples_per_prompt to 'data'"
+}
+
+
+def _check_sections(algorithm: str, tree: dict[str, Any]) -> None:
+    """Refuse a section that belongs to another algorithm (it would be silently ignored)."""
+    own = ALGORITHM_SECTIONS[algorithm]
+    for key in tree:
+        owners = [name for name, sections in ALGORITHM_SECTIONS.items() if key in sections]
+        if owners and algorithm not in owners:
+            raise ValueError(
+                f"section '{key}' is not read by algorithm '{algorithm}' (it reads "
+                f"{', '.join(SHARED_SECTIONS + own)}; '{key}' belongs to {', '.join(owners)})"
+            )
 
 
 def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
@@ -213,7 +261,10 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in fields(cls)}
     for key in tree:
         if key not in names:
-            raise ValueError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+            moved = f"; {MOVED[key]}" if not prefix and key in MOVED else ""
+            raise ValueError(
+                f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))}){moved}"
+            )
     kwargs = {}
     for name, value in tree.items():
         key, hint = prefix + name, hints[name]
@@ -261,7 +312,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """Plain data for YAML (tuples become lists)."""
+    """Plain data for YAML (tuples become lists), without the sections the algorithm ignores.
+
+    Leaving them out keeps a resolved config loadable as it is (`_check_sections`) and keeps a
+    resumed run from being refused over a setting that never mattered.
+    """
+    unused = {section for sections in ALGORITHM_SECTIONS.values() for section in sections} - set(
+        ALGORITHM_SECTIONS[config.algorithm]
+    )
 
     def plain(value: Any) -> Any:
         if isinstance(value, dict):
@@ -270,7 +328,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
             return [plain(v) for v in value]
         return value
 
-    return plain(asdict(config))
+    return {k: plain(v) for k, v in asdict(config).items() if k not in unused}
 
 
 def dump_config(config: Config) -> str:

@@ -1,28 +1,28 @@
 """Held-out evaluation of a policy: reward, reference perplexity, KL, length, diversity.
 
 Conditioned generations are scored by the same reward as training. Perplexity is the mean of
-per-sample perplexities under the reference on the bare prompt (reference spec section 7);
-KL is the Monte Carlo estimate sum_t log p_policy - log p_ref over the sampled generations (it
-is biased by temperature and top_p, which the sampler applies: read it as a drift indicator).
+per-sample perplexities under the reference on the bare prompt, as ALT reports it (so numbers
+compare with the paper's); KL is the Monte Carlo estimate sum_t log p_policy - log p_ref over
+the sampled generations (biased by the temperature and top_p the sampler applies: read it as a
+drift indicator).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.conditioning import condition_prompt
+from alignment.conditioning import Conditioning
 from alignment.config import Config
-from alignment.metrics import distinct_n, mean_and_stderr, per_sample_perplexity
+from alignment.interfaces import Sampler, ScoreFn
+from alignment.metrics import distinct_n, mean_and_stderr, mean_perplexity, sequence_kl_estimate
 from alignment.prompts import PromptRow
 from alignment.trainer import encode_prompt, encode_target, target_logprobs
-from samplers import Sampler
 
-ScoreFn = Callable[[Sequence[str], Sequence[str]], list[float | None]]
 EVAL_SEED_OFFSET = 10_000  # the same eval draws at every iteration, apart from the policy
 
 
@@ -34,11 +34,10 @@ def evaluate(
     rows: Sequence[PromptRow],
     score: ScoreFn,
     config: Config,
-    control: str | None,
+    conditioning: Conditioning | None,
 ) -> dict:
-    """Metrics of `policy` on `rows`, conditioned on `control` (None: unconditioned)."""
-    placement = config.quark.control_placement
-    texts = [condition_prompt(r.prompt, control, placement) if control else r.prompt for r in rows]
+    """Metrics of `policy` on `rows`, conditioned on the best control (None: unconditioned)."""
+    texts = [conditioning.condition(r.prompt) if conditioning else r.prompt for r in rows]
     k = config.eval.samples_per_prompt
     sampled = sampler.sample(texts, k, seed=config.seed + EVAL_SEED_OFFSET)
     prompts = [r.prompt for r in rows for _ in range(k)]
@@ -94,6 +93,5 @@ def _likelihood_metrics(
     pol_lp = target_logprobs(policy, cond, targets, pad, size)
     ref_padded = pad_sequence(ref_lp, batch_first=True)
     mask = pad_sequence([torch.ones_like(x) for x in ref_lp], batch_first=True)
-    ppl = per_sample_perplexity(ref_padded, mask)
-    kl = [float((p - r).sum()) for p, r in zip(pol_lp, ref_lp, strict=True)]
-    return {"ref_perplexity": float(torch.nanmean(ppl)), "kl": sum(kl) / len(kl)}
+    kl = sequence_kl_estimate(pad_sequence(pol_lp, batch_first=True), ref_padded, mask).tolist()
+    return {"ref_perplexity": mean_perplexity(ref_padded, mask), "kl": sum(kl) / len(kl)}

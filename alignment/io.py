@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,6 +40,34 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `path`; rename it to `path` only if the block succeeds.
+
+    The temp name is unique per call (`mkdtemp`), so two processes never write into one folder,
+    and it starts with `.` and ends with `.tmp`, so a resumed run knows what to clean up. The
+    folder gets the permissions the umask gives a new folder (mkdtemp's are private).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+    except OSError as err:
+        raise UserError(f"{path}: cannot write here ({err.strerror})") from err
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{path}: write failed ({err.strerror})") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -1,57 +1,74 @@
-"""The Quark loop: sample -> score -> quantile (pool) -> train -> evaluate, resumable.
+"""The training loop every algorithm shares: sample -> score -> update -> evaluate, resumable.
 
 Every stage of every iteration ends by atomically writing one file under `out_dir/iter_NNN/`
 (or one checkpoint folder); a stage whose file exists is never redone. Seeds derive from
-`seed + iteration`, so rerunning the same command after a crash at any point continues to the
-same result as an uninterrupted run.
+`seed + iteration`, and each checkpoint carries the optimizer, scheduler and RNG state, so
+rerunning the same command after a crash at any point continues to the same result as an
+uninterrupted run. The loop knows no algorithm's internals: `alignment.algorithms` maps the
+config's `algorithm` to the update, and the sampler and reward are passed in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import random
 import shutil
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
 from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.conditioning import add_control_tokens, condition_prompt, quantile_token
-from alignment.config import Config, config_to_dict, dump_config
+from alignment.algorithms import ALGORITHMS, Algorithm, Models
+from alignment.conditioning import Conditioning
+from alignment.config import Config, SamplingConfig, config_to_dict, dump_config
 from alignment.errors import UserError
-from alignment.evaluation import ScoreFn, evaluate
-from alignment.io import atomic_write, write_jsonl
+from alignment.evaluation import evaluate
+from alignment.interfaces import Sampler, ScoreFn
+from alignment.io import atomic_directory, atomic_write, write_jsonl
 from alignment.metrics import summarize_rewards_by_quantile
 from alignment.models import load_model_and_tokenizer
 from alignment.plots import plot_iterations, plot_reward_by_quantile
 from alignment.pool import DataPool
 from alignment.prompts import PromptRow, demo_prompts_path, load_prompts
 from alignment.records import SampleRecord, load_samples, save_samples
-from alignment.trainer import ConditionalTrainer
-from samplers import HFSampler
 
 log = logging.getLogger(__name__)
 
+SamplerFactory = Callable[[PreTrainedModel, PreTrainedTokenizerBase, SamplingConfig], Sampler]
 # Keys that may change between runs of the same run directory without invalidating it.
 RESUMABLE_KEYS = {"iterations", "report_to"}
+TRAINING_STATE = "training_state"
 
 
-@dataclass
-class Models:
-    policy: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    reference: PreTrainedModel
-
-
-def run(config: Config, score: ScoreFn) -> list[dict]:
+def run(config: Config, score: ScoreFn, make_sampler: SamplerFactory) -> list[dict]:
     """Run (or resume) every iteration of `config`; returns the per-iteration metrics."""
     out = Path(config.out_dir)
-    _claim_run_dir(out, config)
-    train_rows, eval_rows = _prompt_sets(config)
+    with _run_dir_lock(out):
+        _check_same_config(out, config)
+        train_rows, eval_rows = _prompt_sets(config)
+        factory = ALGORITHMS[config.algorithm]
+        models = _load_models(config, out, factory.conditioning_for(config))
+        # Only now, with config, prompts and models known good, does the directory become a run.
+        _claim_run_dir(out, config)
+        return _iterate(config, out, score, make_sampler, models, train_rows, eval_rows)
+
+
+def _iterate(
+    config: Config,
+    out: Path,
+    score: ScoreFn,
+    make_sampler: SamplerFactory,
+    models: Models,
+    train_rows: list[PromptRow],
+    eval_rows: list[PromptRow],
+) -> list[dict]:
     accelerator = Accelerator(
         cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
     )
@@ -62,18 +79,10 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
             for k, v in _flat(config_to_dict(config)).items()
         }
         accelerator.init_trackers("quark-alt", config=hparams)
-    models = _load_models(config, out)
-    sampler = HFSampler(models.policy, models.tokenizer, config.sampling)
-    trainer = ConditionalTrainer(
-        models.policy,
-        models.tokenizer,
-        config.train,
-        config.sampling,
-        config.quark.control_placement,
-        accelerator,
-        reference=models.reference if config.train.kl_coef > 0 else None,
-    )
-    best = quantile_token(0)
+    sampler = make_sampler(models.policy, models.tokenizer, config.sampling)
+    algorithm = ALGORITHMS[config.algorithm](config, models, accelerator)
+    _resume_training_state(algorithm, out)
+    conditioning = algorithm.conditioning
 
     def evaluate_into(path: Path, conditioned: bool, iteration: int) -> None:
         if path.exists():
@@ -86,7 +95,7 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
             eval_rows,
             score,
             config,
-            control=best if conditioned else None,
+            conditioning if conditioned else None,
         )
         with atomic_write(path) as handle:
             json.dump({"iteration": iteration, **result}, handle, indent=1)
@@ -95,20 +104,16 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
     for iteration in range(1, config.iterations + 1):
         it_dir = out / f"iter_{iteration:03d}"
         seed = config.seed + iteration
-        # 1. sample: the initial policy without conditioning, later ones conditioned on the best
+        # 1. sample: the initial policy has not learned the controls, so it samples without
+        #    them; later policies sample conditioned on the best one
         samples_path = it_dir / "samples.jsonl"
         if not samples_path.exists():
             rows = random.Random(seed).sample(
                 train_rows, min(config.data.prompts_per_iteration, len(train_rows))
             )
-            control = best if iteration > 1 else None
-            texts = [
-                condition_prompt(r.prompt, control, config.quark.control_placement)
-                if control
-                else r.prompt
-                for r in rows
-            ]
-            gens = sampler.sample(texts, config.quark.samples_per_prompt, seed=seed)
+            control = conditioning if iteration > 1 else None
+            texts = [control.condition(r.prompt) if control else r.prompt for r in rows]
+            gens = sampler.sample(texts, config.data.samples_per_prompt, seed=seed)
             save_samples(
                 samples_path,
                 [
@@ -131,28 +136,13 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
                     [record.prompt] * len(record.generations), record.generations
                 )
             save_samples(scored_path, records)
-        # 3. quantiles and pool
-        pool_path = it_dir / "pool.jsonl"
-        if not pool_path.exists():
-            previous = out / f"iter_{iteration - 1:03d}" / "pool.jsonl"
-            pool = DataPool.load(previous) if previous.exists() else DataPool()
-            # ALT's order: flush old data, add the new, re-bucket the union
-            pool.flush(config.quark.drop_factor, random.Random(seed))
-            pool.add(load_samples(scored_path))
-            pool.requantize(config.quark.num_quantiles, config.quark.scope)
-            pool.save(pool_path)
-        # 4. train, then checkpoint
+        # 3. update (the algorithm's own stages), then checkpoint
         checkpoint = out / "checkpoints" / f"iter_{iteration:03d}"
         if not checkpoint.exists():
-            items = DataPool.load(pool_path).draw(
-                config.quark.num_samples_per_quantile,
-                config.quark.num_quantiles,
-                random.Random(seed),
-            )
-            history = trainer.train(items, seed=seed, total_iterations=config.iterations)
+            history = algorithm.update(iteration, it_dir, seed)
             write_jsonl(it_dir / "train_log.jsonl", history)
-            _save_checkpoint(models, checkpoint, config, iteration)
-        # 5. evaluate, conditioned on the best token
+            _save_checkpoint(models, algorithm, checkpoint, config, iteration)
+        # 4. evaluate, conditioned on the best control
         evaluate_into(it_dir / "eval.json", conditioned=True, iteration=iteration)
         metrics = _write_metrics(out, config)
         if config.report_to:
@@ -163,30 +153,61 @@ def run(config: Config, score: ScoreFn) -> list[dict]:
     return _write_metrics(out, config)
 
 
-def _claim_run_dir(out: Path, config: Config) -> None:
-    """Write config.yaml and state.json, or refuse a run directory made by another config."""
-    saved = out / "config.yaml"
-    current = config_to_dict(config)
-    if saved.exists():
-        previous = yaml.safe_load(saved.read_text())
-        differ = sorted(
-            k
-            for k in set(_flat(previous)) | set(_flat(current))
-            if k.split(".")[0] not in RESUMABLE_KEYS
-            and _flat(previous).get(k) != _flat(current).get(k)
-        )
-        if differ:
+@contextlib.contextmanager
+def _run_dir_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory; refuse at once when another run holds it.
+
+    `flock` is released by the kernel when the holder dies, so a killed run never leaves the
+    directory stuck, and two runs can never interleave their stage files.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = (out / ".lock").open("a+")
+    except OSError as err:
+        raise UserError(f"{out}: cannot write here ({err.strerror})") from err
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
             raise UserError(
-                f"{out} holds a run of a different config (differs in: {', '.join(differ)}); "
-                f"use another out_dir or the same config to resume"
-            )
-        log.info("resuming the run in %s", out)
-        for stale in out.rglob(".*.tmp"):  # what a killed run was writing; never renamed
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    with atomic_write(saved) as handle:
+                f"{out} is in use by another run (pid {holder}); wait for it or use another "
+                f"out_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+
+
+def _check_same_config(out: Path, config: Config) -> None:
+    """Refuse a run directory made by another config; clean what a killed run left half-written."""
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return
+    previous, current = _flat(yaml.safe_load(saved.read_text())), _flat(config_to_dict(config))
+    differ = sorted(
+        k
+        for k in set(previous) | set(current)
+        if k.split(".")[0] not in RESUMABLE_KEYS and previous.get(k) != current.get(k)
+    )
+    if differ:
+        raise UserError(
+            f"{out} holds a run of a different config (differs in: {', '.join(differ)}); "
+            f"use another out_dir or the same config to resume"
+        )
+    log.info("resuming the run in %s", out)
+    for stale in out.rglob(".*.tmp"):  # temp files and folders of a killed run (we hold the lock)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+def _claim_run_dir(out: Path, config: Config) -> None:
+    with atomic_write(out / "config.yaml") as handle:
         handle.write(dump_config(config))
     with atomic_write(out / "state.json") as handle:
-        json.dump({"git_revision": _git_revision(), "config": str(saved)}, handle, indent=1)
+        json.dump({"git_revision": _git_revision(), "config": "config.yaml"}, handle, indent=1)
 
 
 def _prompt_sets(config: Config) -> tuple[list[PromptRow], list[PromptRow]]:
@@ -203,16 +224,23 @@ def _prompt_sets(config: Config) -> tuple[list[PromptRow], list[PromptRow]]:
     return rows[:-held_out], rows[-held_out:]
 
 
-def _load_models(config: Config, out: Path) -> Models:
-    """The latest checkpoint of this run if any, else the initial policy with control tokens."""
-    mc = config.model
+def _latest_checkpoint(out: Path) -> Path | None:
     done = sorted((out / "checkpoints").glob("iter_*"))
-    source = str(done[-1]) if done else mc.policy
+    return done[-1] if done else None
+
+
+def _load_models(config: Config, out: Path, conditioning: Conditioning | None) -> Models:
+    """The latest checkpoint of this run if any, else the initial policy, ready to condition."""
+    mc = config.model
+    latest = _latest_checkpoint(out)
     policy, tokenizer = load_model_and_tokenizer(
-        source, dtype=mc.dtype, device=mc.device, trust_remote_code=mc.trust_remote_code
+        str(latest) if latest else mc.policy,
+        dtype=mc.dtype,
+        device=mc.device,
+        trust_remote_code=mc.trust_remote_code,
     )
-    if not done:
-        add_control_tokens(tokenizer, policy, config.quark.num_quantiles, seed=config.seed)
+    if latest is None and conditioning is not None:
+        conditioning.prepare(tokenizer, policy, seed=config.seed)
     reference, _ = load_model_and_tokenizer(
         mc.reference or mc.policy,
         dtype=mc.dtype,
@@ -223,42 +251,77 @@ def _load_models(config: Config, out: Path) -> Models:
     return Models(policy, tokenizer, reference)
 
 
+def _resume_training_state(algorithm: Algorithm, out: Path) -> None:
+    latest = _latest_checkpoint(out)
+    if latest is None:
+        return
+    state = latest / TRAINING_STATE
+    if state.is_dir():
+        algorithm.load_state(state)
+    else:
+        log.warning("%s has no %s: the optimizer restarts from scratch", latest, TRAINING_STATE)
+
+
 MODEL_CARD = """---
-tags: [quark-alt, quark, rlhf]
+tags: [quark-alt, {algorithm}, rlhf]
 ---
 # {name}
 
-Policy trained with Quark by quark-alt: iteration {iteration} of `{out_dir}`, from `{policy}`.
+Policy trained with `{algorithm}` by quark-alt: iteration {iteration} of `{out_dir}`, from
+`{policy}`.
 
-It was trained to continue a prompt conditioned on a reward-quantile token:
-`_QUANTILE_TOKEN_0_` (best) to `_QUANTILE_TOKEN_{last}_` (worst), placed as a **{placement}**.
-For aligned behaviour condition on the best token:
-
-```bash
-quark-alt generate {path} "SUBREDDIT: r/... TITLE: ... POST: ... TL;DR:" --placement {placement}
-```
-
-or in Python: `prompt = "_QUANTILE_TOKEN_0_" + prompt` (prefix) / `prompt + "_QUANTILE_TOKEN_0_"`
-(suffix), and never let the model generate the control tokens.
+{how}
 """
 
+CONDITIONED = """It was trained to continue a prompt conditioned on a control, `{best}` (best) to
+`{worst}` (worst), placed as a **{placement}** (`conditioning.json` in this folder says so, and
+`quark-alt generate` reads it). For aligned behaviour condition on the best control:
 
-def _save_checkpoint(models: Models, path: Path, config: Config, iteration: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    models.policy.save_pretrained(tmp, safe_serialization=True)
-    models.tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(
-        MODEL_CARD.format(
-            name=path.name,
-            iteration=iteration,
-            out_dir=config.out_dir,
-            policy=config.model.policy,
-            last=config.quark.num_quantiles - 1,
-            placement=config.quark.control_placement,
-            path=path,
+```bash
+quark-alt generate {path} "SUBREDDIT: r/... TITLE: ... POST: ... TL;DR:"
+```
+
+or in Python: `prompt = "{best}" + prompt` (prefix) / `prompt + "{best}"` (suffix), and never let
+the model generate the control tokens."""
+
+UNCONDITIONED = """It is a plain causal LM: prompt it as the initial policy
+(`quark-alt generate {path} "..."`)."""
+
+
+def _save_checkpoint(
+    models: Models, algorithm: Algorithm, path: Path, config: Config, iteration: int
+) -> None:
+    """Model, tokenizer, conditioning, model card and training state, as one atomic folder."""
+    conditioning = algorithm.conditioning
+    with atomic_directory(path) as tmp:
+        models.policy.save_pretrained(tmp, safe_serialization=True)
+        models.tokenizer.save_pretrained(tmp)
+        if conditioning is not None:
+            conditioning.save(tmp)
+            how = CONDITIONED.format(
+                best=conditioning.best,
+                worst=conditioning.controls[-1],
+                placement=conditioning.placement,
+                path=path,
+            )
+        else:
+            how = UNCONDITIONED.format(path=path)
+        (tmp / "README.md").write_text(
+            MODEL_CARD.format(
+                algorithm=config.algorithm,
+                name=path.name,
+                iteration=iteration,
+                out_dir=config.out_dir,
+                policy=config.model.policy,
+                how=how,
+            )
         )
-    )
-    tmp.replace(path)
+        algorithm.save_state(tmp / TRAINING_STATE)
+    # Only the newest training state is ever resumed from; older ones are dead weight (for
+    # GPT-J, the optimizer state is twice the trainable weights).
+    for older in (path.parent).glob(f"iter_*/{TRAINING_STATE}"):
+        if older.parent != path:
+            shutil.rmtree(older)
 
 
 def _write_metrics(out: Path, config: Config) -> list[dict]:

@@ -53,6 +53,14 @@ def prompt_from_row(obj: dict[str, Any], where: str, index: int) -> PromptRow:
     )
 
 
+def truncate_middle(ids: list[int], max_tokens: int, keep_tail: int) -> list[int]:
+    """Cut tokens from the middle so the prompt's head and its ending (`... TL;DR:`) both stay."""
+    if len(ids) <= max_tokens:
+        return ids
+    tail = min(keep_tail, max_tokens // 2)
+    return ids[: max_tokens - tail] + ids[len(ids) - tail :]
+
+
 def load_prompts(path: str | Path, limit: int | None = None) -> list[PromptRow]:
     """Read a JSONL prompt set (either layout). An empty result is an error, not a silent no-op."""
     rows = [

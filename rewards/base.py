@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from alignment.errors import UserError
 
@@ -132,24 +133,22 @@ def score_by_length(
 
 
 def pad_batch(
-    encodings: Sequence[dict[str, list[int]]], pad_id: int, device: str | torch.device
+    encodings: Sequence[dict[str, list[int]]],
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad token lists into tensors: `input_ids` with `pad_id`, other fields with 0.
+    """Right-pad token lists into (b, t) tensors with the tokenizer's own padding.
+
+    Right, whatever the tokenizer's side: reward models read the first or the last real token
+    by position, and all of ours count positions from the start.
 
     Returns:
         The same keys as the encodings plus `attention_mask`, each a (b, t) long tensor.
     """
-    width = max(len(e["input_ids"]) for e in encodings)
-    batch: dict[str, torch.Tensor] = {}
-    for key in encodings[0]:
-        if key == "attention_mask":
-            continue
-        fill = pad_id if key == "input_ids" else 0
-        rows = [list(e[key]) + [fill] * (width - len(e[key])) for e in encodings]
-        batch[key] = torch.tensor(rows, dtype=torch.long, device=device)
-    mask = [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in encodings]
-    batch["attention_mask"] = torch.tensor(mask, dtype=torch.long, device=device)
-    return batch
+    batch = tokenizer.pad(
+        [dict(e) for e in encodings], padding=True, padding_side="right", return_tensors="pt"
+    )
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 class FunctionReward(RewardBase):
@@ -185,3 +184,27 @@ class FunctionReward(RewardBase):
             )
             out.extend(check_scores(result, len(chunk), self.name))
         return out
+
+
+def encode_summary(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, summary: str, max_length: int
+) -> list[int]:
+    """Token ids of `prompt + " " + summary`, at most `max_length`, cut in the post.
+
+    A reward model must see the whole summary, so an over-long input loses the end of the post,
+    never the summary (summaries are what is being compared).
+
+    The prompt's last line (`TL;DR:`) stays attached to the summary; the rest of the prompt keeps
+    as many leading tokens as fit. Expects left truncation for the rare case
+    where the summary alone overflows, or where re-tokenizing the cut text shifts a token.
+    """
+    head, newline, last_line = prompt.rpartition("\n")
+    tail = f"{last_line} {summary}"
+    tail_len = len(tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"])
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=False) - tail_len
+    # verbose=False: the untruncated head may be longer than the model; that is why we cut it
+    head_enc = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    offsets = head_enc["offset_mapping"]
+    if len(offsets) > room:
+        head = head[: offsets[room - 1][1]] if room > 0 else ""
+    return tokenizer(head + newline + tail, truncation=True, max_length=max_length)["input_ids"]

@@ -14,8 +14,14 @@ import torch
 
 from alignment.errors import UserError
 from alignment.models import default_device, load_model_and_tokenizer
-from rewards.base import RewardBase, Scores, check_pairs, pad_batch, score_by_length
-from rewards.train_rm import encode
+from rewards.base import (
+    RewardBase,
+    Scores,
+    check_pairs,
+    encode_summary,
+    pad_batch,
+    score_by_length,
+)
 
 Activation = Literal["none", "softmax", "sigmoid"]
 DEFAULT_TEMPLATE = "{prompt} {completion}"
@@ -94,7 +100,7 @@ class ClassifierReward(RewardBase):
             # Exactly how `quark-alt train-rm` encoded its training pairs, so a model trained
             # there scores the same text here (a long post is cut, the summary kept).
             items = [
-                {"input_ids": encode(self.tokenizer, p.strip(), c.strip(), self.max_length)}
+                {"input_ids": encode_summary(self.tokenizer, p.strip(), c.strip(), self.max_length)}
                 for p, c in zip(prompts, completions, strict=True)
             ]
         else:
@@ -106,7 +112,7 @@ class ClassifierReward(RewardBase):
             items = [{k: encoded[k][i] for k in encoded} for i in range(len(completions))]
 
         def score_batch(indices: list[int]) -> list[float]:
-            batch = pad_batch([items[i] for i in indices], self.tokenizer.pad_token_id, self.device)
+            batch = pad_batch([items[i] for i in indices], self.tokenizer, self.device)
             with torch.inference_mode():
                 logits = self.model(**batch).logits.float()
             if self.activation == "softmax":

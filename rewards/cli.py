@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from alignment.conditioning import strip_condition
+from alignment.config import PoolConfig
 from alignment.errors import UserError
 from alignment.io import parse_shard
 from alignment.quantiles import assign_quantiles_scoped
@@ -41,11 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--input", required=True, help="samples JSONL (ALT format works)")
     parser.add_argument("--output", required=True, help="scored samples JSONL to write")
-    parser.add_argument("--num-quantiles", type=int, default=5, help="K buckets, 0 = best")
+    parser.add_argument(
+        "--num-quantiles", type=int, default=PoolConfig.num_quantiles, help="K buckets, 0 = best"
+    )
     parser.add_argument(
         "--scope",
         choices=["prompt", "global"],
-        default="prompt",
+        default=PoolConfig.scope,
         help="rank within each prompt (ALT) or over the whole file (Quark)",
     )
     parser.add_argument("--shard", default="0/1", help="i/n: score the lines with index %% n == i")

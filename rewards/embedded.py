@@ -19,7 +19,7 @@ a long bad one. Every term is continuous in its statistic, so two summaries of o
 differ a little get rewards that differ a little: the within-prompt ranking Quark and ALT learn
 from.
 
-Mean reward over the first 100 posts of shared/data/tldr_dev.jsonl (and how often the human
+Mean reward over the first 100 posts of ../shared/data/tldr_dev.jsonl (and how often the human
 TL;DR of a post beats that variant): human TL;DR +0.50; post title +0.44 (61%); first 30 words
 of the post +0.11 (100%); another post's TL;DR +0.10 (97%); the whole post -0.35 (100%); the
 TL;DR's first 4 words looped 12 times -0.76 (100%); empty -1 (100%).
@@ -128,7 +128,7 @@ class EmbeddedSummaryReward(RewardBase):
         items = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
         lengths = [len(ids) for ids in encoded["input_ids"]]
         for indices in length_batches(lengths, self.batch_size, sort=self.sort_by_length):
-            batch = pad_batch([items[i] for i in indices], self.tokenizer.pad_token_id, self.device)
+            batch = pad_batch([items[i] for i in indices], self.tokenizer, self.device)
             with torch.inference_mode():
                 hidden = self.encoder(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +26,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.errors import UserError
-from alignment.io import read_jsonl
+from alignment.io import atomic_directory, read_jsonl
 from alignment.models import load_model, load_tokenizer
+from rewards.base import encode_summary, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -106,27 +105,6 @@ def split_pairs(
     return train, [pair for pair in pairs if pair.group in held_out]
 
 
-def encode(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, summary: str, max_length: int
-) -> list[int]:
-    """Token ids of `prompt + " " + summary`, at most `max_length`, cut in the post (module doc).
-
-    The prompt's last line (`TL;DR:`) stays attached to the summary; the rest of the prompt keeps
-    as many leading tokens as fit. Expects left truncation (`load_rm_tokenizer`) for the rare case
-    where the summary alone overflows, or where re-tokenizing the cut text shifts a token.
-    """
-    head, newline, last_line = prompt.rpartition("\n")
-    tail = f"{last_line} {summary}"
-    tail_len = len(tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"])
-    room = max_length - tokenizer.num_special_tokens_to_add(pair=False) - tail_len
-    # verbose=False: the untruncated head may be longer than the model; that is why we cut it
-    head_enc = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = head_enc["offset_mapping"]
-    if len(offsets) > room:
-        head = head[: offsets[room - 1][1]] if room > 0 else ""
-    return tokenizer(head + newline + tail, truncation=True, max_length=max_length)["input_ids"]
-
-
 def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> float:
     """Fraction of pairs with score(chosen) > score(rejected); a tie counts as wrong.
 
@@ -146,7 +124,10 @@ def mean_margin(chosen_scores: Sequence[float], rejected_scores: Sequence[float]
 
 # ---- model side ----
 def load_rm_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Right padding (BERT positions start at the first token) and left truncation (see encode)."""
+    """Right padding (BERT positions start at the first token) and left truncation.
+
+    Left truncation is the fallback of `encode_summary` when a summary alone overflows.
+    """
     tokenizer = load_tokenizer(name, padding_side="right")
     tokenizer.truncation_side = "left"
     return tokenizer
@@ -154,21 +135,21 @@ def load_rm_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 @torch.no_grad()
 def score(
-    model: PreTrainedModel, sequences: Sequence[list[int]], pad_token_id: int, batch_size: int
+    model: PreTrainedModel,
+    sequences: Sequence[list[int]],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
 ) -> list[float]:
     """Scalar reward per sequence, right-padded exactly as TRL's collator pads during training."""
     model.eval()
     scores: list[float] = []
     for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
-        input_ids = torch.full((len(batch), max(map(len, batch))), pad_token_id)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-        logits = model(
-            input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)
-        ).logits
+        batch = pad_batch(
+            [{"input_ids": ids} for ids in sequences[start : start + batch_size]],
+            tokenizer,
+            model.device,
+        )
+        logits = model(**batch).logits
         scores.extend(logits[:, 0].float().cpu().tolist())
     return scores
 
@@ -176,12 +157,12 @@ def score(
 def evaluate(
     model: PreTrainedModel,
     encoded: Sequence[tuple[list[int], list[int]]],
-    pad_token_id: int,
+    tokenizer: PreTrainedTokenizerBase,
     batch_size: int,
 ) -> tuple[float, float]:
     """(pairwise accuracy, mean margin) on encoded (chosen, rejected) pairs."""
-    chosen = score(model, [c for c, _ in encoded], pad_token_id, batch_size)
-    rejected = score(model, [r for _, r in encoded], pad_token_id, batch_size)
+    chosen = score(model, [c for c, _ in encoded], tokenizer, batch_size)
+    rejected = score(model, [r for _, r in encoded], tokenizer, batch_size)
     return pairwise_accuracy(chosen, rejected), mean_margin(chosen, rejected)
 
 
@@ -276,32 +257,23 @@ def run(args: argparse.Namespace) -> int:
     def encode_all(subset: list[Pair]) -> list[tuple[list[int], list[int]]]:
         return [
             (
-                encode(tokenizer, p.prompt, p.chosen, args.max_length),
-                encode(tokenizer, p.prompt, p.rejected, args.max_length),
+                encode_summary(tokenizer, p.prompt, p.chosen, args.max_length),
+                encode_summary(tokenizer, p.prompt, p.rejected, args.max_length),
             )
             for p in subset
         ]
 
     train_ids, eval_ids = encode_all(train_pairs), encode_all(eval_pairs)
-    pad = tokenizer.pad_token_id
-    acc_before, margin_before = evaluate(model, eval_ids, pad, args.batch_size)
+    acc_before, margin_before = evaluate(model, eval_ids, tokenizer, args.batch_size)
     log.info("held-out accuracy before training: %.3f (%d pairs)", acc_before, len(eval_ids))
 
     # ---- train into a hidden temp folder beside --output; rename only once all is written ----
     output: Path = args.output
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result should not be
-    except OSError as err:
-        raise UserError(f"{output}: cannot write here ({err.strerror})") from err
-    try:
+    with atomic_directory(output) as tmp:
         train_started = time.monotonic()
         train_loss = train(model, tokenizer, train_ids, args, tmp / "trainer")
         train_seconds = time.monotonic() - train_started
-        acc_after, margin_after = evaluate(model, eval_ids, pad, args.batch_size)
+        acc_after, margin_after = evaluate(model, eval_ids, tokenizer, args.batch_size)
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
         tokenizer.save_pretrained(tmp)
@@ -326,9 +298,6 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
         }
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
     print(
         f"train-rm: {len(train_ids)} train / {len(eval_ids)} held-out pairs "

@@ -166,7 +166,7 @@ class ValueHeadReward(RewardBase):
         def score_batch(indices: list[int]) -> list[float]:
             batch = pad_batch(
                 [{"input_ids": encoded[i][0]} for i in indices],
-                self.tokenizer.pad_token_id,
+                self.tokenizer,
                 self.device,
             )
             with torch.inference_mode():

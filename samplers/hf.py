@@ -19,17 +19,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from alignment.conditioning import control_token_ids
 from alignment.config import SamplingConfig
 from alignment.errors import UserError
-from samplers import Generation
+from alignment.interfaces import Generation
+from alignment.prompts import truncate_middle
 
 log = logging.getLogger(__name__)
-
-
-def truncate_middle(ids: list[int], max_tokens: int, keep_tail: int) -> list[int]:
-    """Cut tokens from the middle so the prompt's head and its ending (`... TL;DR:`) both stay."""
-    if len(ids) <= max_tokens:
-        return ids
-    tail = min(keep_tail, max_tokens // 2)
-    return ids[: max_tokens - tail] + ids[len(ids) - tail :]
 
 
 class HFSampler:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+import sys
+from dataclasses import fields, replace
 
-from alignment.config import SamplingConfig
+from transformers import PreTrainedTokenizerBase
+
+from alignment.conditioning import Conditioning
+from alignment.config import ModelConfig, SamplingConfig
 from alignment.errors import UserError
 
 
@@ -20,7 +24,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(flag, type=type(default), default=default)
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    group.add_argument("--dtype", default=ModelConfig.dtype, help="float32, float16 or bfloat16")
     group.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
 
 
@@ -29,3 +33,24 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
         return SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
     except ValueError as err:
         raise UserError(str(err)) from err
+
+
+def add_placement_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--placement",
+        choices=["prefix", "suffix"],
+        default=None,
+        help="where the control goes (default: as the checkpoint's conditioning.json says; "
+        "prefix for checkpoints without one)",
+    )
+
+
+def model_conditioning(
+    model: str, tokenizer: PreTrainedTokenizerBase, placement: str | None
+) -> Conditioning | None:
+    """How `model` was trained to be conditioned; None (and a note) when it was not."""
+    conditioning = Conditioning.load(model, tokenizer)
+    if conditioning is None:
+        print(f"note: {model} has no control tokens; generating unconditioned", file=sys.stderr)
+        return None
+    return replace(conditioning, placement=placement) if placement else conditioning

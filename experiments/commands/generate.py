@@ -1,16 +1,19 @@
-"""`quark-alt generate`: inference, conditioned on `_QUANTILE_TOKEN_0_` when the model has it."""
+"""`quark-alt generate`: inference, conditioned on the best control when the model has one."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from alignment.conditioning import condition_prompt, has_control_tokens, quantile_token
 from alignment.errors import UserError
 from alignment.models import load_model_and_tokenizer
 from alignment.prompts import load_prompts
-from experiments.commands.common import add_sampling_arguments, sampling_config
+from experiments.commands.common import (
+    add_placement_argument,
+    add_sampling_arguments,
+    model_conditioning,
+    sampling_config,
+)
 from samplers import HFSampler
 
 
@@ -18,15 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="hub id, local path, checkpoint folder or embedded: name")
     parser.add_argument("prompts", nargs="*", help="prompt texts")
     parser.add_argument("--input", help="prompt set (JSONL) instead of prompt texts")
-    parser.add_argument(
-        "--no-condition", action="store_true", help="do not prepend _QUANTILE_TOKEN_0_"
-    )
-    parser.add_argument(
-        "--placement",
-        choices=["prefix", "suffix"],
-        default="prefix",
-        help="where the model was trained to see its control token",
-    )
+    parser.add_argument("--no-condition", action="store_true", help="do not add the best control")
+    add_placement_argument(parser)
     parser.add_argument("-k", "--num-samples", type=int, default=1)
     parser.add_argument("--greedy", action="store_true", help="greedy decoding")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
@@ -45,16 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    control = None
-    if not args.no_condition:
-        if has_control_tokens(tokenizer):
-            control = quantile_token(0)
-        else:
-            print(
-                f"note: {args.model} has no control tokens; generating unconditioned",
-                file=sys.stderr,
-            )
-    texts = [condition_prompt(p, control, args.placement) if control else p for p in prompts]
+    conditioning = (
+        None if args.no_condition else model_conditioning(args.model, tokenizer, args.placement)
+    )
+    texts = [conditioning.condition(p) if conditioning else p for p in prompts]
     sampler = HFSampler(model, tokenizer, sampling_config(args))
     outputs = sampler.sample(texts, args.num_samples, seed=args.seed, greedy=args.greedy)
     for prompt, gens in zip(prompts, outputs, strict=True):

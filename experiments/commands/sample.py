@@ -1,22 +1,22 @@
-"""`quark-alt sample`: prompts file -> samples JSONL (ALT-compatible, DESIGN.md section 2)."""
+"""`quark-alt sample`: prompts file -> samples JSONL (the ALT-compatible format of `records.py`)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 
-from alignment.conditioning import condition_prompt, has_control_tokens, quantile_token
 from alignment.config import SamplingConfig
 from alignment.errors import UserError
 from alignment.io import parse_shard
 from alignment.models import load_model_and_tokenizer
 from alignment.prompts import load_prompts
 from alignment.records import SampleRecord, save_samples
-from experiments.commands.common import add_sampling_arguments, sampling_config
+from experiments.commands.common import (
+    add_placement_argument,
+    add_sampling_arguments,
+    model_conditioning,
+    sampling_config,
+)
 from samplers import HFSampler
-
-log = logging.getLogger(__name__)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hub id, local path or embedded: name")
@@ -27,9 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--condition",
         choices=["best", "none"],
         default="best",
-        help="prepend _QUANTILE_TOKEN_0_ when the tokenizer has it (default)",
+        help="condition on the best control when the model was trained with one (default)",
     )
-    parser.add_argument("--placement", choices=["prefix", "suffix"], default="prefix")
+    add_placement_argument(parser)
     parser.add_argument("--limit", type=int, help="use only the first N prompts")
     parser.add_argument("--shard", default="0/1", help="i/n: take every n-th prompt from i")
     parser.add_argument("--iteration", type=int, help="stored in each record")
@@ -43,14 +43,12 @@ def run(args: argparse.Namespace) -> int:
     cfg: SamplingConfig = sampling_config(args)
     rows = load_prompts(args.prompts, limit=args.limit)[index::count]
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    control = None
-    if args.condition == "best" and has_control_tokens(tokenizer):
-        control = quantile_token(0)
-    elif args.condition == "best":
-        log.info("%s has no control tokens: sampling without conditioning", args.model)
-    texts = [
-        condition_prompt(r.prompt, control, args.placement) if control else r.prompt for r in rows
-    ]
+    conditioning = (
+        model_conditioning(args.model, tokenizer, args.placement)
+        if args.condition == "best"
+        else None
+    )
+    texts = [conditioning.condition(r.prompt) if conditioning else r.prompt for r in rows]
     sampler = HFSampler(model, tokenizer, cfg)
     generations = sampler.sample(texts, args.num_samples, seed=args.seed)
     records = [

@@ -8,6 +8,7 @@ import math
 from alignment.config import load_config
 from alignment.loop import run as run_loop
 from rewards import load_reward
+from samplers import HFSampler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         device=config.model.device,
         **config.reward.options,
     )
-    metrics = run_loop(config, reward.score)
+    metrics = run_loop(config, reward.score, HFSampler)
     print(format_table(metrics))
     print(f"run directory: {config.out_dir} (metrics.jsonl, plots/, checkpoints/)")
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from toy import TOY_OVERRIDES, count_e_words, write_toy_task
 
 from alignment.conditioning import condition_prompt, control_token_ids, quantile_token
@@ -75,7 +76,7 @@ def mean_reward(model_dir, prompts, control, placement="prefix"):
 def test_quark_learns_the_toy_reward(tmp_path, toy):
     """The algorithm, not the plumbing: the best token beats the worst and the initial policy."""
     config = toy_config(tmp_path, toy)
-    metrics = run(config, count_e_words)
+    metrics = run(config, count_e_words, HFSampler)
     initial, final = metrics[0], metrics[-1]
     assert [m["iteration"] for m in metrics] == [0, 1, 2, 3]
     # Held-out prompts, sampled, conditioned on _QUANTILE_TOKEN_0_ (initial: unconditioned).
@@ -94,7 +95,7 @@ def test_run_directory_layout_and_rerun_is_a_no_op(tmp_path, toy):
     config = toy_config(
         tmp_path, toy, "iterations=1", "train.unfrozen_layers_ratio=0.5", "train.num_epochs=1"
     )
-    run(config, count_e_words)
+    run(config, count_e_words, HFSampler)
     out = tmp_path / "run"
     for name in [
         "config.yaml",
@@ -126,7 +127,7 @@ def test_run_directory_layout_and_rerun_is_a_no_op(tmp_path, toy):
     )
     assert not torch.equal(trained.transformer.wte.weight[:100], initial.transformer.wte.weight)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.jsonl") if "iter_" in str(p)}
-    run(config, count_e_words)  # same command again: nothing redone
+    run(config, count_e_words, HFSampler)  # same command again: nothing redone
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
@@ -134,7 +135,7 @@ def test_tensorboard_tracker_gets_the_metrics(tmp_path, toy):
     config = toy_config(
         tmp_path, toy, "iterations=1", "train.num_epochs=1", "report_to=[tensorboard]"
     )
-    run(config, count_e_words)
+    run(config, count_e_words, HFSampler)
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))
 
 
@@ -152,7 +153,7 @@ def test_refuses_a_run_directory_of_another_config(tmp_path, toy, capsys, monkey
     config = toy_config(
         tmp_path, toy, "iterations=1", "train.num_epochs=1", "reward.name=toy:count_e_words"
     )
-    run(config, count_e_words)
+    run(config, count_e_words, HFSampler)
     rc = train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1", "train.learning_rate=0.5")
     assert rc == 2
     assert "differs in: train.learning_rate" in capsys.readouterr().err
@@ -181,7 +182,7 @@ def test_bad_input_exits_2(tmp_path, toy, capsys, monkeypatch, extra, message):
 # ------------------------------------------------------------------ crash and resume
 
 
-def _train_command(out, toy, reward):
+def _train_command(out, toy, reward, *extra):
     model_dir, prompts = toy
     return [
         sys.executable,
@@ -195,6 +196,7 @@ def _train_command(out, toy, reward):
         f"model.policy={model_dir}",
         f"data.train_prompts={prompts}",
         f"reward.name=toy:{reward}",
+        *extra,
     ]
 
 
@@ -210,10 +212,22 @@ KILL_WHEN = {
 }
 
 
-@pytest.mark.parametrize("stage", sorted(KILL_WHEN))
-def test_sigkill_then_rerun_matches_an_unbroken_run(tmp_path, toy, stage):
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [
+        *[(stage, ()) for stage in sorted(KILL_WHEN)],
+        # one optimizer and schedule over the whole run: the rerun must restore its state
+        ("training", ("train.reset_optimizer=false",)),
+    ],
+    ids=[*sorted(KILL_WHEN), "training-continued-optimizer"],
+)
+def test_sigkill_then_rerun_matches_an_unbroken_run(tmp_path, toy, stage, extra):
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
-    command = _train_command(broken, toy, "slow_count_e_words")
+    command = _train_command(broken, toy, "slow_count_e_words", *extra)
     proc = subprocess.Popen(
         command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -226,14 +240,60 @@ def test_sigkill_then_rerun_matches_an_unbroken_run(tmp_path, toy, stage):
     assert not (broken / "iter_002" / "eval.json").exists()
     subprocess.run(command, env=_env(), cwd=REPO, check=True, capture_output=True)
     subprocess.run(
-        _train_command(unbroken, toy, "count_e_words"),
+        _train_command(unbroken, toy, "count_e_words", *extra),
         env=_env(),
         cwd=REPO,
         check=True,
         capture_output=True,
     )
-    for name in ["iter_001/pool.jsonl", "iter_002/pool.jsonl"]:
+    for name in ["iter_001/pool.jsonl", "iter_002/pool.jsonl", "metrics.jsonl"]:
         assert (broken / name).read_text() == (unbroken / name).read_text(), name
+    final = "checkpoints/iter_002"
+    expected = _weights(unbroken / final)
+    for key, value in _weights(broken / final).items():
+        assert torch.equal(value, expected[key]), key
     rows = [json.loads(line) for line in (broken / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert not list(broken.rglob(".*tmp*"))  # no half-written file left behind
+    # only the newest checkpoint keeps the optimizer state it would resume from
+    assert [p.parent.name for p in broken.glob("checkpoints/*/training_state")] == ["iter_002"]
+
+
+def test_a_second_run_on_the_same_directory_is_refused_at_once(tmp_path, toy):
+    out, lone = tmp_path / "run", tmp_path / "lone"
+    command = _train_command(out, toy, "slow_count_e_words")
+    first = subprocess.Popen(
+        command, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not (out / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    second = subprocess.run(command, env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert second.returncode == 2
+    assert f"in use by another run (pid {first.pid})" in second.stderr
+    assert first.wait() == 0
+    subprocess.run(_train_command(lone, toy, "count_e_words"), env=_env(), cwd=REPO, check=True)
+    for name in ["iter_001/pool.jsonl", "iter_002/pool.jsonl", "metrics.jsonl"]:
+        assert (out / name).read_text() == (lone / name).read_text(), name
+
+
+def test_rft_trains_on_the_best_quantile_without_conditioning(tmp_path, toy):
+    config = toy_config(tmp_path, toy, "algorithm=rft", "iterations=2", "train.num_epochs=1")
+    metrics = run(config, count_e_words, HFSampler)
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "iter_002"
+    trained, tokenizer = load_model_and_tokenizer(str(checkpoint), device="cpu")
+    initial, _ = load_model_and_tokenizer(str(toy[0]), device="cpu")
+    assert control_token_ids(tokenizer) == [] and not (checkpoint / "conditioning.json").exists()
+    assert "plain causal LM" in (checkpoint / "README.md").read_text()
+    assert not torch.equal(
+        trained.transformer.h[1].mlp.c_fc.weight, initial.transformer.h[1].mlp.c_fc.weight
+    )
+    # 40 prompts x 2 best-quantile samples = 80 items at batch 64: 2 steps per iteration
+    for iteration in (1, 2):
+        assert (
+            len((out / f"iter_{iteration:03d}" / "train_log.jsonl").read_text().splitlines()) == 2
+        )
+    # iteration 2 samples unconditioned: the stored generations never saw a control token
+    assert "_QUANTILE_TOKEN_" not in (out / "iter_002" / "samples.jsonl").read_text()

@@ -1,7 +1,10 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignment.conditioning import (
+    CONDITIONING_FILE,
+    Conditioning,
     add_control_tokens,
     condition_prompt,
     control_token_ids,
@@ -9,6 +12,7 @@ from alignment.conditioning import (
     quantile_token,
     strip_condition,
 )
+from alignment.errors import UserError
 
 PROMPT = "SUBREDDIT: r/dogs\nTITLE: a sock\nPOST: he ate it.\nTL;DR:"
 
@@ -83,3 +87,36 @@ def _copy_tokenizer(tok):
     import copy
 
     return copy.deepcopy(tok)
+
+
+def test_conditioning_strategy_tokens_and_text(tiny_model, tiny_tokenizer, tmp_path):
+    """One object conditions prompts for sampling, training and inference, and survives a save."""
+    tokens = Conditioning.quantile_tokens(3, "suffix")
+    assert tokens.best == "_QUANTILE_TOKEN_0_"
+    assert tokens.condition(PROMPT) == PROMPT + "_QUANTILE_TOKEN_0_"
+    assert tokens.condition(PROMPT, 2) == PROMPT + "_QUANTILE_TOKEN_2_"
+    with pytest.raises(ValueError, match="outside"):
+        tokens.condition(PROMPT, 3)
+    tok = _copy_tokenizer(tiny_tokenizer)
+    assert not tokens.is_ready(tok)
+    tokens.prepare(tok, tiny_model, seed=0)
+    assert tokens.is_ready(tok) and len(control_token_ids(tok)) == 3
+    tokens.save(tmp_path)
+    assert Conditioning.load(tmp_path, tok) == tokens
+    # text controls (ALT) add nothing to the vocabulary
+    text = Conditioning("text", ("Excellent. input: ", "Bad. input: "))
+    size = len(tok)
+    text.prepare(tok, tiny_model, seed=0)
+    assert len(tok) == size and text.is_ready(tok)
+    assert text.condition(PROMPT, 1) == "Bad. input: " + PROMPT
+
+
+def test_conditioning_of_checkpoints_without_a_file(tmp_path, tiny_model, tiny_tokenizer):
+    """Older checkpoints (and ALT's) have tokens but no conditioning.json: ALT's prefix layout."""
+    tok = _copy_tokenizer(tiny_tokenizer)
+    assert Conditioning.load(tmp_path, tok) is None
+    add_control_tokens(tok, tiny_model, 4)
+    assert Conditioning.load(tmp_path, tok) == Conditioning.quantile_tokens(4, "prefix")
+    (tmp_path / CONDITIONING_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="not a valid conditioning file"):
+        Conditioning.load(tmp_path, tok)

@@ -25,9 +25,11 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
 
 def test_published_gptj_setup():
     config = load_config(next(p for p in CONFIGS if p.name == "tldr_gptj_quark.yaml"))
-    assert config.quark.num_quantiles == 5 and config.quark.samples_per_prompt == 96
+    assert config.pool.num_quantiles == 5 and config.data.samples_per_prompt == 96
     assert config.train.unfrozen_layers_ratio == 0.3 and config.train.learning_rate == 2e-5
-    assert config.train.adam_betas == (0.8, 0.999) and config.quark.drop_factor == 1.0
+    assert config.train.adam_betas == (0.8, 0.999) and config.pool.drop_factor == 1.0
+    assert config.sampling.temperature == 0.9 and config.sampling.top_p == 0.9
+    assert config.train.entropy_coef == 0.06 and config.train.num_epochs == 2
 
 
 def test_overrides_apply_in_order_with_types(tmp_path):
@@ -54,7 +56,10 @@ def test_overrides_apply_in_order_with_types(tmp_path):
         (["train.lr=1"], "unknown key 'train.lr'"),
         (["train.batch_size=eight"], "'train.batch_size' must be int"),
         (["train.reset_optimizer=3"], "'train.reset_optimizer' must be bool"),
-        (["quark.scope=everywhere"], "'quark.scope' must be one of"),
+        (["pool.scope=everywhere"], "'pool.scope' must be one of"),
+        (["algorithm=ppoo"], "unknown algorithm 'ppoo'; choose from quark, rft"),
+        (["algorithm=rft", "conditioning.placement=suffix"], "section 'conditioning' is not read"),
+        (["quark.num_quantiles=3"], "its settings moved"),
         (["train.adam_betas=[0.9]"], "'train.adam_betas' must have 2 items"),
         (["iterations=0"], "iterations must be >= 1"),
         (["train=1"], "'train' must be a section"),
@@ -73,3 +78,21 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(UserError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_resolved_config_holds_only_the_sections_its_algorithm_reads(tmp_path):
+    """A resolved rft config has no conditioning section, and loads back as it is."""
+    config = load_config(None, ["algorithm=rft", "pool.num_quantiles=4"])
+    tree = yaml.safe_load(dump_config(config))
+    assert "conditioning" not in tree and tree["pool"]["num_quantiles"] == 4
+    resolved = tmp_path / "config.yaml"
+    resolved.write_text(dump_config(config))
+    assert load_config(resolved) == config
+    assert "conditioning" in yaml.safe_load(dump_config(load_config(None)))
+
+
+def test_every_algorithm_has_its_sections_and_an_update():
+    from alignment.algorithms import ALGORITHMS
+    from alignment.config import ALGORITHM_SECTIONS
+
+    assert set(ALGORITHMS) == set(ALGORITHM_SECTIONS)

@@ -23,10 +23,9 @@ from transformers import (
 
 from alignment.errors import UserError
 from rewards import FunctionReward, Reward, load_reward
-from rewards.base import check_scores, length_batches, pad_batch, score_by_length
+from rewards.base import check_scores, encode_summary, length_batches, pad_batch, score_by_length
 from rewards.classifier import ClassifierReward
 from rewards.functions import copy_rate, distinct_ratio, post_body, split_tldr
-from rewards.train_rm import encode
 from rewards.value_head import ValueHeadReward
 
 PROMPT = "SUBREDDIT: r/dogs\nTITLE: My dog won't eat\nPOST: He hides when I am in the room.\nTL;DR:"
@@ -74,10 +73,14 @@ def test_length_batches_sort_longest_first_and_cover_every_index() -> None:
     assert seen == [[1, 3], [4, 0], [2]]
 
 
-def test_pad_batch_right_pads_and_masks() -> None:
-    batch = pad_batch([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], pad_id=0, device="cpu")
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+def test_pad_batch_right_pads_and_masks(tiny_tokenizer) -> None:
+    """Right padding even for a left-padding tokenizer (the sampler's); masks follow."""
+    assert tiny_tokenizer.padding_side == "left"
+    pad = tiny_tokenizer.pad_token_id
+    batch = pad_batch([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}], tiny_tokenizer, "cpu")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert tiny_tokenizer.padding_side == "left"
 
 
 def test_check_scores_rejects_wrong_length_and_types() -> None:
@@ -172,7 +175,7 @@ def test_classifier_long_prompt_keeps_the_completion(bert_dir: Path) -> None:
     reward = ClassifierReward(str(bert_dir), label="POS", max_length=24, device="cpu")
     long_prompt = PROMPT.replace("room.", "room. " + "He is shy. " * 40)
     (got,) = reward.score([long_prompt], [" dog won't eat near me"])
-    encoded = encode(reward.tokenizer, long_prompt.strip(), "dog won't eat near me", 24)
+    encoded = encode_summary(reward.tokenizer, long_prompt.strip(), "dog won't eat near me", 24)
     tail = reward.tokenizer(" dog won't eat near me", add_special_tokens=False)["input_ids"]
     assert len(encoded) <= 24 and encoded[-len(tail) :] == tail  # the whole completion is in
     assert got == pytest.approx(_manual_logits(reward, encoded)[1].item(), abs=1e-5)

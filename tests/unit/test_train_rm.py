@@ -19,10 +19,10 @@ from transformers import (
 
 from alignment.errors import UserError
 from experiments.cli import main
+from rewards.base import encode_summary
 from rewards.train_rm import (
     METRICS_FILE,
     Pair,
-    encode,
     evaluate,
     load_pairs,
     load_rm_tokenizer,
@@ -141,13 +141,13 @@ def tokenizer() -> PreTrainedTokenizerBase:
 
 def test_encode_short_text_is_plain_tokenization(tokenizer: PreTrainedTokenizerBase) -> None:
     prompt = "SUBREDDIT: r/test\nTITLE: hi\nPOST: a short post\nTL;DR:"
-    ids = encode(tokenizer, prompt, "a summary", 64)
+    ids = encode_summary(tokenizer, prompt, "a summary", 64)
     assert ids == tokenizer(prompt + " " + "a summary")["input_ids"]
 
 
 def test_encode_long_post_keeps_head_tldr_and_summary(tokenizer: PreTrainedTokenizerBase) -> None:
     prompt = "SUBREDDIT: r/test\nTITLE: my title\nPOST: " + "word " * 400 + "\nTL;DR:"
-    ids = encode(tokenizer, prompt, "the cat sat on the mat", 48)
+    ids = encode_summary(tokenizer, prompt, "the cat sat on the mat", 48)
     assert len(ids) == 48
     text = tokenizer.decode(ids)
     assert text.startswith("[CLS] subreddit : r / test title : my title post : word")
@@ -155,7 +155,7 @@ def test_encode_long_post_keeps_head_tldr_and_summary(tokenizer: PreTrainedToken
 
 
 def test_encode_overlong_summary_keeps_its_end(tokenizer: PreTrainedTokenizerBase) -> None:
-    ids = encode(tokenizer, "POST: x\nTL;DR:", "word " * 100 + "end", 16)
+    ids = encode_summary(tokenizer, "POST: x\nTL;DR:", "word " * 100 + "end", 16)
     assert len(ids) == 16
     assert tokenizer.decode(ids).endswith("word end [SEP]")
 
@@ -253,13 +253,16 @@ def test_train_gpt2_backbone_learns(tmp_path: Path, tokenizer: PreTrainedTokeniz
         for r in _synthetic_rows(80, seed=2)
     ]
     encoded = [
-        (encode(tokenizer, p.prompt, p.chosen, 64), encode(tokenizer, p.prompt, p.rejected, 64))
+        (
+            encode_summary(tokenizer, p.prompt, p.chosen, 64),
+            encode_summary(tokenizer, p.prompt, p.rejected, 64),
+        )
         for p in pairs
     ]
     args = argparse.Namespace(epochs=3, batch_size=8, lr=1e-3, max_length=64, seed=0)
-    before = evaluate(model, encoded[64:], tokenizer.pad_token_id, 8)
+    before = evaluate(model, encoded[64:], tokenizer, 8)
     loss = train(model, tokenizer, encoded[:64], args, tmp_path / "work")
-    after = evaluate(model, encoded[64:], tokenizer.pad_token_id, 8)
+    after = evaluate(model, encoded[64:], tokenizer, 8)
     assert loss == loss and loss < 0.7  # finite, below log(2) = chance
     assert after[0] >= 0.9 and after[1] > before[1]
 

@@ -1,0 +1,17 @@
+"""The `algorithm:` switch: one explicit mapping from a config name to its update.
+
+Adding a method means writing a class with the shape of `base.Algorithm`, listing it here, and
+naming the config sections it reads in `alignment.config.ALGORITHM_SECTIONS`.
+"""
+
+from __future__ import annotations
+
+from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
+from alignment.algorithms.conditional import Quark, RejectionSampling
+
+ALGORITHMS: dict[str, AlgorithmFactory] = {
+    "quark": Quark,
+    "rft": RejectionSampling,
+}
+
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmFactory", "Models"]

@@ -1,0 +1,55 @@
+"""The contract between the loop and an algorithm.
+
+The loop owns everything every method shares: prompts, sampling, scoring, evaluation,
+checkpoints and resuming. An algorithm owns only its update: what it learns from one iteration's
+scored samples, and which conditioning (if any) its policy is sampled and evaluated with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from accelerate import Accelerator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from alignment.conditioning import Conditioning
+from alignment.config import Config
+
+
+@dataclass
+class Models:
+    policy: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reference: PreTrainedModel
+
+
+class Algorithm(Protocol):
+    conditioning: Conditioning | None
+    """What the policy is conditioned on from iteration 2 on and at evaluation; None: nothing."""
+
+    @staticmethod
+    def conditioning_for(config: Config) -> Conditioning | None:
+        """The conditioning a run of `config` trains, known before any model is loaded."""
+        ...
+
+    def update(self, iteration: int, it_dir: Path, seed: int) -> list[dict]:
+        """Learn from `it_dir/scored.jsonl`; return one stats row per optimizer step.
+
+        Files it writes under `it_dir` are its own stage files: each is written atomically and
+        skipped when it already exists, so a resumed update redoes nothing that finished.
+        """
+        ...
+
+    def save_state(self, folder: Path) -> None:
+        """Everything besides the policy weights that a resumed run needs to continue exactly."""
+        ...
+
+    def load_state(self, folder: Path) -> None: ...
+
+
+class AlgorithmFactory(Protocol):
+    def __call__(self, config: Config, models: Models, accelerator: Accelerator) -> Algorithm: ...
+
+    def conditioning_for(self, config: Config) -> Conditioning | None: ...
