@@ -1,9 +1,9 @@
 """The data pool: the generations kept for training, grouped by raw prompt.
 
 The algorithm is in `docs/algorithm.md` section 4. One class for every variant, where ALT has a
-pickled pool class per variant whose copies drifted apart (section 15 item 4): it buckets only
-through `assign_quantiles_scoped` and saves as samples JSONL (a pool file is a samples file). A
-prompt seen again holds generations of several iterations, so each one's is in
+pickled pool class per variant whose copies drifted apart (`docs/algorithm.md` section 15 item 4):
+it buckets only through `assign_quantiles_scoped` and saves as samples JSONL (a pool file is a
+samples file). A prompt seen again holds generations of several iterations, so each one's is in
 `extra["iterations"]`.
 """
 
