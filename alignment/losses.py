@@ -1,9 +1,10 @@
 """Per-token Quark/ALT training losses: NLL, entropy bonus and an optional KL to the reference.
 
-Follows reference spec section 4 (ALT `alt/models/policy.py:76-122`, `quark_trainer.py`,
-`alt_trainer.py`; original Quark `main.py:240-266`) and is checked against
-`shared/reference/golden/quark_loss.json` (golden README section 2). Pure functions: tensors in,
-values out. Shapes: b = batch, t = response tokens, v = vocabulary.
+Follows `docs/algorithm.md` section 6 (ALT `alt/models/policy.py:76-122`,
+`alt/trainer/quark_trainer.py`, `alt/trainer/alt_trainer.py`; original Quark `main.py:240-266`) and
+is checked against `tests/golden/quark_loss.json`, produced by running that code (see
+`tests/golden/README.md`). Pure functions: tensors in, values out. Shapes: b = batch, t = response
+tokens, v = vocabulary.
 
 All computations run in the dtype of the logits given; pass float32 logits when precision
 matters (the trainer owns that memory/precision trade-off).
@@ -22,11 +23,11 @@ KLDirection = Literal["ref_policy", "policy_ref"]
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """One mean over every unmasked element: sum(x * m) / sum(m).
 
-    This is ALT's `reduce_mean` (spec section 4.1): a single mean over all response tokens of the
-    micro-batch, so long responses weigh more than short ones (not a mean of per-sequence means).
-    Masked positions are selected away with `torch.where` instead of multiplied by 0, so inf/NaN
-    there cannot turn the result into NaN (golden README note 3). An all-zero mask gives NaN (0/0);
-    `quark_loss` rejects that case up front.
+    This is ALT's `reduce_mean` (`docs/algorithm.md` section 6.2): a single mean over all response
+    tokens of the micro-batch, so long responses weigh more than short ones (not a mean of
+    per-sequence means). Masked positions are selected away with `torch.where` instead of multiplied
+    by 0, so inf/NaN there cannot turn the result into NaN (ALT multiplies by the mask, and 0 times
+    inf is NaN). An all-zero mask gives NaN (0/0); `quark_loss` rejects that case up front.
 
     Args:
         x: any shape, e.g. (b, t).
@@ -87,8 +88,9 @@ def token_kl(
     """Per-token KL between the policy and the frozen reference over the base vocabulary.
 
     The policy's last `num_added_tokens` columns (quantile tokens the reference never saw) are
-    dropped BEFORE the log-softmax, i.e. q is renormalised over the v_ref base tokens (spec
-    section 4.2; golden case `quark_pol_eq_ref_plus_added` is ~0 only this way).
+    dropped BEFORE the log-softmax, i.e. q is renormalised over the v_ref base tokens
+    (`docs/algorithm.md` section 6.4; golden case `quark_pol_eq_ref_plus_added` is ~0 only this
+    way).
 
     - "ref_policy": sum_v r (log r - log q) = KL(ref || policy), ALT's direction (default).
     - "policy_ref": sum_v q (log q - log r) = KL(policy || ref), original Quark `main.py:252`.
@@ -138,11 +140,12 @@ def quark_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Quark/ALT objective: masked_mean(NLL_t - entropy_coef * H_t + kl_coef * KL_t).
 
-    Spec section 4.2: the orchestrated ALT runs use kl_coef = 0 ("noKL"), alpha = 0.06; the KL
-    variants use beta = 0.05 with KL(ref || policy) (ALT) or KL(policy || ref) (original Quark).
-    The loss is ONE masked mean of the combined per-token quantity, which is what ALT
-    back-propagates (golden README section 2: `loss_noKL`, `loss_KL`, `loss_KL_quark_direction`).
-    NLL and entropy use the full policy vocabulary, only the KL drops the added columns.
+    `docs/algorithm.md` section 6.3: the orchestrated ALT runs use kl_coef = 0 ("noKL"), alpha
+    = 0.06; the KL variants use beta = 0.05 with KL(ref || policy) (ALT) or KL(policy || ref)
+    (original Quark). The loss is ONE masked mean of the combined per-token quantity, which is what
+    ALT back-propagates (`loss_noKL`, `loss_KL`, `loss_KL_quark_direction` in
+    `tests/golden/quark_loss.json`). NLL and entropy use the full policy vocabulary, only the KL
+    drops the added columns.
 
     Args:
         policy_logits: (b, t, v_policy), aligned so policy_logits[:, i] predicts labels[:, i].

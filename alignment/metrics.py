@@ -1,8 +1,9 @@
 """Evaluation metrics: reward summaries, perplexity under the reference, KL estimate, dist-n.
 
-Follows reference spec section 7 (ALT `alt/perplexity.py:52-111`, `alt/utils/utils.py:182-194`).
-Pure functions: values or tensors in, values out; no I/O, no logging, no distributed calls (the
-caller gathers across processes first). Shapes: b = batch, t = response tokens.
+Follows ALT's evaluation, `docs/algorithm.md` section 9 (ALT `alt/perplexity.py:52-111`,
+`alt/utils/utils.py:182-194`). Pure functions: values or tensors in, values out; no I/O, no logging,
+no distributed calls (the caller gathers across processes first). Shapes: b = batch, t = response
+tokens.
 
 Missing values (None, NaN, inf) are skipped in the list summaries, the same convention as
 `quantiles.assign_quantiles`: a scorer failure is not a reward of zero.
@@ -69,10 +70,10 @@ def _metric_dtype(x: Tensor) -> torch.dtype:
 def per_sample_perplexity(token_logprobs: Tensor, mask: Tensor) -> Tensor:
     """Perplexity of each generation under the model that produced `token_logprobs`.
 
-    PPL_i = exp(-(1/T_i) * sum_t mask_it * logp_it), with T_i the number of unmasked tokens of
-    row i (spec section 7, ALT `alt/perplexity.py`). Used with the SFT reference's logprobs of
-    the policy's generations, it measures how far the policy's text drifts from the reference.
-    A row with no tokens (T_i = 0, e.g. an empty generation) gives NaN: it has no perplexity.
+    PPL_i = exp(-(1/T_i) * sum_t mask_it * logp_it), with T_i the number of unmasked tokens of row i
+    (`docs/algorithm.md` section 9, ALT `alt/perplexity.py`). Used with the SFT reference's logprobs
+    of the policy's generations, it measures how far the policy's text drifts from the reference. A
+    row with no tokens (T_i = 0, e.g. an empty generation) gives NaN: it has no perplexity.
 
     Args:
         token_logprobs: (b, t) log p(y_t | x, y_<t) of each generated token.
@@ -93,10 +94,10 @@ def per_sample_perplexity(token_logprobs: Tensor, mask: Tensor) -> Tensor:
 def mean_perplexity(token_logprobs: Tensor, mask: Tensor) -> float:
     """The mean of per-sample perplexities, ignoring NaN rows: the number ALT reports.
 
-    This is nanmean_i PPL_i (spec section 7), not a corpus perplexity exp(total NLL / total
-    tokens): each generation weighs the same regardless of its length, and one badly modelled
-    generation can dominate. Kept that way so numbers compare with ALT's. NaN if no row has
-    tokens. Original Quark also drops values >= 1e4 before averaging; ALT does not, nor do we.
+    This is nanmean_i PPL_i (`docs/algorithm.md` section 9), not a corpus perplexity exp(total NLL /
+    total tokens): each generation weighs the same regardless of its length, and one badly modelled
+    generation can dominate. Kept that way so numbers compare with ALT's. NaN if no row has tokens.
+    Original Quark also drops values >= 1e4 before averaging; ALT does not, nor do we.
 
     Args:
         token_logprobs: (b, t), as in `per_sample_perplexity`.

@@ -1,8 +1,10 @@
-"""The data pool: the generations kept for training, grouped by raw prompt (spec section 3).
+"""The data pool: the generations kept for training, grouped by raw prompt.
 
-One class, not ALT's three pickled ones (STYLE.md 2.7): it buckets only through
-`assign_quantiles_scoped` and saves as samples JSONL (a pool file is a samples file). A prompt
-seen again holds generations of several iterations, so each one's is in `extra["iterations"]`.
+The algorithm is in `docs/algorithm.md` section 4. One class for every variant, where ALT has a
+pickled pool class per variant whose copies drifted apart (`docs/algorithm.md` section 15 item 4):
+it buckets only through `assign_quantiles_scoped` and saves as samples JSONL (a pool file is a
+samples file). A prompt seen again holds generations of several iterations, so each one's is in
+`extra["iterations"]`.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ class DataPool:
         0 keeps everything, 1 empties the pool; otherwise `int(len_k * (1 - drop_factor))` random
         items are kept per quantile k of each prompt (no-quantile items form one more group), so
         what is kept stays spread over the quantiles. Kept items keep their order and every field
-        (ALT's LMU pool misaligned scores here, pitfall 10.5); emptied prompts are removed.
+        (ALT's LMU pool lets its scores fall out of step here, `docs/algorithm.md` section 15
+        item 4); emptied prompts are removed.
         """
         if not 0.0 <= drop_factor <= 1.0:
             raise ValueError(f"drop_factor must be in [0, 1], got {drop_factor}")
@@ -106,7 +109,8 @@ class DataPool:
 
         For each prompt and quantile the items are shuffled with `rng`; those the sampler ended
         with "stop" are taken first, then the rest ("length"/unknown) in the same shuffled order.
-        ALT tests "< 64 GPT-J tokens" instead (`alt/data_pool.py:127-191`, pitfall 10.8).
+        ALT tests "< 64 GPT-J tokens" instead (ALT `alt/data_pool.py:127-191`), which ties the
+        rule to one tokenizer and one length limit (`docs/algorithm.md` section 15 item 5).
         Items without a quantile (missing reward) are never drawn.
 
         Returns items in prompt order, then quantile order (0 = best), the same for the same

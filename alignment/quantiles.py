@@ -2,9 +2,9 @@
 
 Quark/ALT rank generations by reward and split the ranking into K equal buckets; bucket 0 (the
 highest rewards) becomes the "best" control token used at sampling time. ALT buckets the samples
-of each prompt on their own ("prompt" scope, reference spec section 2.1), original Quark buckets
-one global pool ("global" scope, section 2.2). Both use the same rule, implemented once in
-`assign_quantiles`; golden vectors: `shared/reference/golden/quantiles.json` (README section 1).
+of each prompt on their own ("prompt" scope), original Quark buckets one global pool ("global"
+scope); see `docs/algorithm.md` section 3. Both use the same rule, implemented once in
+`assign_quantiles`; golden vectors from ALT's code: `tests/golden/quantiles.json`.
 
 Pure Python on purpose: rewards are compared as Python floats (float64), because storing them as
 float32 merges distinct rewards into ties and changes the buckets (golden case
@@ -23,7 +23,7 @@ QuantileScope = Literal["prompt", "global"]
 def assign_quantiles(rewards: Sequence[float | None], num_quantiles: int) -> list[int | None]:
     """Bucket one group of rewards into quantile indices, 0 = best, exactly as ALT does.
 
-    Rule (ALT `alt/data_pool.py:81-101`, spec section 2.1, pitfall 10.9):
+    Rule (ALT `alt/data_pool.py:81-101`, `docs/algorithm.md` section 3.1):
       1. drop missing rewards: None, and also NaN/inf (a scorer failure must not be ranked;
          ALT only drops None);
       2. stable sort of the m kept items by reward, descending, so equal rewards keep generation
@@ -31,9 +31,10 @@ def assign_quantiles(rewards: Sequence[float | None], num_quantiles: int) -> lis
       3. b = floor(m / K); ranks [k*b, (k+1)*b) get quantile k;
       4. the remainder (ranks >= K*b) goes to the worst quantile K-1.
 
-    Consequences kept on purpose because the golden file expects them: with m < K, b = 0 and every
-    item is labelled K-1 (too few samples to rank meaningfully, so none is declared "best"); with
-    m = 96, K = 5 the sizes are 19/19/19/19/20.
+    Consequences kept on purpose because ALT has them (`tests/golden/quantiles.json`, and
+    `docs/algorithm.md` section 15 item 3): with m < K, b = 0 and every item is labelled K-1 (too
+    few samples to rank meaningfully, so none is declared "best"); with m = 96, K = 5 the sizes are
+    19/19/19/19/20.
 
     Deliberate difference: with no usable reward (m == 0, including an empty group) ALT raises and
     the whole pool update fails; here the group is skipped, i.e. every entry is None, so one
@@ -71,9 +72,9 @@ def assign_quantiles_global(
     """Original-Quark global scope: one ranking over all groups, split back per group.
 
     Quark keeps a single pool over every prompt and re-buckets it as a whole (Quark
-    `data_pool.py:13-26`, spec section 2.2), so a prompt that is easy for the model lands mostly in
-    the good buckets. The rule is `assign_quantiles` applied to the concatenation of the groups
-    in order; ties across groups go to the earlier group.
+    `data_pool.py:13-26`, `docs/algorithm.md` section 3.2), so a prompt that is easy for the model
+    lands mostly in the good buckets. The rule is `assign_quantiles` applied to the concatenation of
+    the groups in order; ties across groups go to the earlier group.
 
     Args:
         groups: g groups of rewards (n_i each); None/NaN/inf = missing.
@@ -101,7 +102,7 @@ def assign_quantiles_scoped(
 
     One entry point so the CLI and the trainer only pass the configured scope; the ALT-Quark model
     card reports that per-prompt quantiles were crucial compared with Quark's global ones
-    (spec section 2.1).
+    (`docs/algorithm.md` section 3.2).
 
     Args:
         groups: g groups of rewards (n_i each), one group per prompt.

@@ -1,4 +1,4 @@
-"""The samples file: one JSON line per prompt, ALT-compatible (DESIGN.md section 2).
+"""The samples file: one JSON line per prompt, in the layout ALT's own scripts read and write.
 
 `{"prompt", "generations", "rewards"}` is ALT's own format, so its files load unchanged; `id`,
 `quantiles`, `feedback`, `finish_reasons` and `iteration` are ours and optional. Fields we do not

@@ -16,10 +16,11 @@ _WORD = re.compile(r"\w+")
 def split_tldr(prompt: str, completion: str) -> tuple[str, str]:
     """(post part, summary) of a TL;DR prompt + completion, as the CarperAI reward model reads it.
 
-    The reference concatenates prompt and generation and splits at "TL;DR:" (spec section 6);
-    we split the prompt alone, at its last marker, so a marker inside the generation or an
-    earlier "TL;DR:" inside the post cannot move the boundary. Text after the prompt's marker
-    (normally none) belongs to the summary. A prompt without the marker is all post.
+    ALT concatenates prompt and generation and splits at "TL;DR:" (ALT `alt/models/reward.py`,
+    `docs/algorithm.md` section 8); we split the prompt alone, at its last marker, so a marker
+    inside the generation or an earlier "TL;DR:" inside the post cannot move the boundary. Text
+    after the prompt's marker (normally none) belongs to the summary. A prompt without the marker is
+    all post.
 
     Returns:
         (post part stripped, summary stripped): the post part keeps SUBREDDIT/TITLE/POST labels.

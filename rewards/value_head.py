@@ -3,7 +3,8 @@
 The checkpoint is one state dict: `transformer.*` (a causal-LM backbone without its LM head) and
 `v_head.weight` (a bias-free Linear(hidden, 1) applied to the final hidden states). The backbone
 name only supplies the architecture config and the tokenizer; all weights come from the file.
-Reference behaviour: spec section 6; pitfall 10 (truncate the post, never the summary).
+Reference behaviour: `docs/algorithm.md` section 8. Unlike ALT, a too-long input loses post tokens,
+never summary tokens (`docs/algorithm.md` section 15 item 8).
 """
 
 from __future__ import annotations

@@ -15,15 +15,14 @@ from alignment.quantiles import (
     assign_quantiles_scoped,
 )
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "golden"
+# Shipped with the repository (see tests/golden/README.md), so these tests always run.
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 
 
 def _golden_params(key: str) -> list[Any]:
-    """One pytest param per golden case (id = case name), or a single skipped param if absent."""
-    path = GOLDEN_DIR / "quantiles.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not found"))]
-    cases = json.loads(path.read_text())[key]
+    """One pytest param per golden case (id = case name); a missing file is an error, not a skip."""
+    cases = json.loads((GOLDEN_DIR / "quantiles.json").read_text())[key]
+    assert cases, f"no {key} in {GOLDEN_DIR / 'quantiles.json'}"
     return [pytest.param(case, id=case["name"]) for case in cases]
 
 
