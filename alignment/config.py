@@ -106,6 +106,22 @@ class ConditioningConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    """ALT-RM: each quantile's feedback phrase, written before the prompt as text.
+
+    ALT's defaults: quantile k of 5 reads `Excellent.`, `Good.`, `Mediocre.`, `Bad.`,
+    `Horrible.`, and the input is `"<phrase> input: <prompt>"`.
+    """
+
+    phrases: list[str] = field(
+        default_factory=lambda: ["Excellent.", "Good.", "Mediocre.", "Bad.", "Horrible."]
+    )
+    """One per quantile, best first (as many as pool.num_quantiles)."""
+    template: str = "{phrase} input: "
+    """The control text of a phrase, placed at conditioning.placement."""
+
+
+@dataclass
 class TrainConfig:
     """The conditional-LM objective and its optimizer (ALT's values; see docs/algorithm.md)."""
 
@@ -147,6 +163,7 @@ SHARED_SECTIONS = ("model", "data", "sampling", "reward", "eval")
 ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {
     "quark": ("pool", "conditioning", "train"),
     "rft": ("pool", "train"),
+    "alt-rm": ("pool", "conditioning", "feedback", "train"),
 }
 """The config sections each algorithm reads besides the shared ones. A section written for one
 algorithm in a run of another is an error: it would be silently ignored."""
@@ -157,7 +174,7 @@ class Config:
     """A whole run. YAML files and `key=value` overrides hold only what differs from here."""
 
     algorithm: str = "quark"
-    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning)."""
+    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm."""
     out_dir: str = "runs/demo"
     iterations: int = 3
     seed: int = 42
@@ -169,6 +186,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -192,6 +210,15 @@ class Config:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.algorithm == "alt-rm":
+            phrases = self.feedback.phrases
+            if len(phrases) != self.pool.num_quantiles or len(set(phrases)) != len(phrases):
+                raise ValueError(
+                    f"feedback.phrases must be {self.pool.num_quantiles} distinct phrases (one "
+                    f"per quantile of pool.num_quantiles), got {phrases}"
+                )
+            if "{phrase}" not in self.feedback.template:
+                raise ValueError("feedback.template must contain '{phrase}'")
         if not 0.0 <= self.pool.drop_factor <= 1.0:
             raise ValueError("pool.drop_factor must be in [0, 1]")
         if not 0.0 <= self.train.unfrozen_layers_ratio <= 1.0:

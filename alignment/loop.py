@@ -172,8 +172,7 @@ def _run_dir_lock(out: Path) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise UserError(
-                f"{out} is in use by another run (pid {holder}); wait for it or use another "
-                f"out_dir"
+                f"{out} is in use by another run (pid {holder}); wait for it or use another out_dir"
             ) from None
         handle.seek(0)
         handle.truncate()

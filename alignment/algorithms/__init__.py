@@ -7,11 +7,12 @@ naming the config sections it reads in `alignment.config.ALGORITHM_SECTIONS`.
 from __future__ import annotations
 
 from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
-from alignment.algorithms.conditional import Quark, RejectionSampling
+from alignment.algorithms.conditional import AltRM, Quark, RejectionSampling
 
 ALGORITHMS: dict[str, AlgorithmFactory] = {
     "quark": Quark,
     "rft": RejectionSampling,
+    "alt-rm": AltRM,
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmFactory", "Models"]

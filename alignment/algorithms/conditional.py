@@ -1,10 +1,11 @@
-"""Reward-ranked conditional training: Quark, and rejection-sampling fine-tuning (RFT).
+"""Reward-ranked conditional training: Quark, ALT-RM, and rejection-sampling fine-tuning (RFT).
 
-Both keep a pool of scored generations, rank each prompt's generations into quantiles and train
+All keep a pool of scored generations, rank each prompt's generations into quantiles and train
 the policy with the conditional-LM objective on a balanced draw. Quark trains on every quantile,
-each conditioned on its own control token, and samples with the best one. RFT (also called expert
-iteration) trains on the best quantile only, unconditioned: it is the ablation that shows what
-conditioning on all the quantiles adds over simply imitating the best samples.
+each conditioned on its own control token, and samples with the best one; ALT-RM does the same
+with a feedback phrase in plain text instead of a new token. RFT (also called expert iteration)
+trains on the best quantile only, unconditioned: it is the ablation that shows what conditioning
+on all the quantiles adds over simply imitating the best samples.
 """
 
 from __future__ import annotations
@@ -89,3 +90,13 @@ class RejectionSampling(Quark):
 
     def select(self, items: list[TrainItem]) -> list[TrainItem]:
         return [item for item in items if item.quantile == 0]
+
+
+class AltRM(Quark):
+    """ALT-RM: Quark with each quantile's feedback phrase as text (`Excellent. input: ...`)."""
+
+    @staticmethod
+    def conditioning_for(config: Config) -> Conditioning | None:
+        template = config.feedback.template
+        controls = tuple(template.format(phrase=p) for p in config.feedback.phrases)
+        return Conditioning("text", controls, config.conditioning.placement)

@@ -15,7 +15,12 @@ import torch
 from safetensors.torch import load_file
 from toy import TOY_OVERRIDES, count_e_words, write_toy_task
 
-from alignment.conditioning import condition_prompt, control_token_ids, quantile_token
+from alignment.conditioning import (
+    Conditioning,
+    condition_prompt,
+    control_token_ids,
+    quantile_token,
+)
 from alignment.config import SamplingConfig, load_config
 from alignment.loop import run
 from alignment.models import load_model_and_tokenizer
@@ -297,3 +302,21 @@ def test_rft_trains_on_the_best_quantile_without_conditioning(tmp_path, toy):
         )
     # iteration 2 samples unconditioned: the stored generations never saw a control token
     assert "_QUANTILE_TOKEN_" not in (out / "iter_002" / "samples.jsonl").read_text()
+
+
+def test_alt_rm_conditions_on_feedback_text_without_new_tokens(tmp_path, toy):
+    config = toy_config(tmp_path, toy, "algorithm=alt-rm", "iterations=2", "train.num_epochs=1")
+    run(config, count_e_words, HFSampler)
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "iter_002"
+    trained, tokenizer = load_model_and_tokenizer(str(checkpoint), device="cpu")
+    initial, initial_tokenizer = load_model_and_tokenizer(str(toy[0]), device="cpu")
+    assert len(tokenizer) == len(initial_tokenizer) and control_token_ids(tokenizer) == []
+    assert not torch.equal(
+        trained.transformer.h[1].mlp.c_fc.weight, initial.transformer.h[1].mlp.c_fc.weight
+    )
+    conditioning = Conditioning.load(checkpoint, tokenizer)
+    assert conditioning is not None and conditioning.kind == "text"
+    assert conditioning.condition("P") == "Excellent. input: P"
+    # all 5 quantiles x 2 samples of 40 prompts train, each under its own phrase
+    assert len((out / "iter_001" / "train_log.jsonl").read_text().splitlines()) == 7
