@@ -23,6 +23,7 @@ from alignment.prefix_sharing import (
     build_shared_batch,
     common_prefix_length,
     group_by_shared_prefix,
+    prompt_grouped_batches,
     shared_prefix_target_logits,
     shared_target_logits,
 )
@@ -98,6 +99,19 @@ def test_build_rejects_inconsistent_groups() -> None:
         build_shared_batch(prompts, targets, 0, groups=[PrefixGroup(1, (0,))])
     with pytest.raises(ValueError, match="not shorter"):
         build_shared_batch(prompts, targets, 0, groups=[PrefixGroup(3, (0,)), PrefixGroup(0, (1,))])
+
+
+def test_prompt_grouped_batches_keep_each_prompt_together() -> None:
+    keys = [f"post {i % 4}" for i in range(40)]  # 4 prompts, 10 items each, interleaved
+    batches = prompt_grouped_batches(keys, 10, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    assert all(len({keys[i] for i in b}) == 1 for b in batches)
+    uneven = prompt_grouped_batches(keys, 8, random.Random(0))
+    assert [len(b) for b in uneven] == [8, 8, 8, 8, 8]
+    assert all(len({keys[i] for i in b}) <= 2 for b in uneven)
+    assert prompt_grouped_batches(keys, 10, random.Random(1)) != batches  # really shuffled
+    with pytest.raises(ValueError):
+        prompt_grouped_batches(keys, 0, random.Random(0))
 
 
 # ---- equivalence with the plain batch ----
