@@ -152,14 +152,15 @@ def _loss(
     items: Items,
     pad: int,
     shared: bool,
+    min_fraction: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quark_loss with entropy and KL, as the trainer's step computes it; returns both logits."""
     prompts, refs = [p for p, _, _ in items], [r for _, r, _ in items]
     targets = [t for _, _, t in items]
     if shared:
-        logits, batch = shared_prefix_target_logits(policy, prompts, targets, pad)
+        logits, batch = shared_prefix_target_logits(policy, prompts, targets, pad, min_fraction)
         with torch.no_grad():
-            ref_logits, _ = shared_prefix_target_logits(reference, refs, targets, pad)
+            ref_logits, _ = shared_prefix_target_logits(reference, refs, targets, pad, min_fraction)
     else:
         batch = collate(prompts, targets, pad)
         logits = target_logits(policy, batch)
@@ -184,12 +185,16 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
 
 
 def _assert_same_training_signal(
-    policy: torch.nn.Module, reference: torch.nn.Module, items: Items, pad: int
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    items: Items,
+    pad: int,
+    min_fraction: float = 0.5,
 ) -> None:
     results = []
     for shared in (False, True):
         policy.zero_grad(set_to_none=True)
-        loss, logits, ref_logits = _loss(policy, reference, items, pad, shared)
+        loss, logits, ref_logits = _loss(policy, reference, items, pad, shared, min_fraction)
         loss.backward()
         results.append((loss.detach(), logits.detach(), ref_logits, _grads(policy)))
     (loss_a, logits_a, ref_a, grads_a), (loss_b, logits_b, ref_b, grads_b) = results
@@ -241,6 +246,26 @@ def test_mixed_groups_singletons_and_empty_targets(tokenizer: PreTrainedTokenize
     groups = group_by_shared_prefix([p for p, _, _ in items])
     assert PrefixGroup(0, (5,)) in groups
     _assert_same_training_signal(policy, reference, items, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj"])
+def test_partly_shared_prompts_with_rests_of_different_lengths(
+    tokenizer: PreTrainedTokenizerFast, family: str
+) -> None:
+    """Prompts that share only a head: the rests (1 to 15 tokens) are padded inside the rows."""
+    policy, reference = _setup(family, tokenizer)
+    freeze_bottom_layers(policy, 0.5)
+    head = tokenizer(DEMO_PROMPTS.read_text()[:400])["input_ids"][:20]
+    eos = tokenizer.eos_token_id
+    tails = [[], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53], [60]]
+    items: Items = [
+        (head + tail + [eos], head + tail + [eos], [70 + n, 71, 72][: 1 + n % 3] + [eos])
+        for n, tail in enumerate(tails * 2)
+    ]
+    batch = build_shared_batch([p for p, _, _ in items], [t for _, _, t in items], eos, None, 0.0)
+    assert batch.prefix_ids.shape[0] == 1  # one group: the 20-token head
+    assert batch.suffix_ids.shape[1] - batch.labels.shape[1] == 15  # the longest rest
+    _assert_same_training_signal(policy, reference, items, eos, min_fraction=0.0)
 
 
 def test_reference_forward_shares_one_prefix_per_post(tokenizer: PreTrainedTokenizerFast) -> None:
