@@ -228,7 +228,8 @@ def shared_target_logits(model: nn.Module, batch: SharedBatch) -> Tensor:
     repeated by indexing inside the graph, so each shared prefix is back-propagated once with the
     summed gradient of its items; under `torch.no_grad()` (KL reference) it is just a cheaper
     forward. Works for a model wrapped by `accelerate` and with frozen blocks, since it only calls
-    the model's forward.
+    the model's forward. Not with gradient checkpointing in training mode: transformers then
+    drops the cache, which is detected and raised rather than computed wrongly.
     """
     device = next(model.parameters()).device
     cache = None
@@ -241,6 +242,12 @@ def shared_target_logits(model: nn.Module, batch: SharedBatch) -> Tensor:
             logits_to_keep=1,  # the prefix's logits are never used; skip the (P, vocab) matmul
         )
         cache = prefill.cache
+        if cache is None or cache.get_seq_length() != batch.prefix_ids.shape[1]:
+            # Say why, instead of failing obscurely later or running suffixes without their prompts.
+            raise RuntimeError(
+                "the prefix forward returned no KV cache; gradient checkpointing drops it in "
+                "training mode, so disable it (or use trainer.target_logits) for shared training"
+            )
         # DynamicCache indexes its key/value tensors: a differentiable gather, one row per item.
         cache.batch_select_indices(batch.item_group.to(device))
     t = batch.labels.shape[1]

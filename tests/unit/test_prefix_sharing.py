@@ -268,6 +268,18 @@ def test_partly_shared_prompts_with_rests_of_different_lengths(
     _assert_same_training_signal(policy, reference, items, eos, min_fraction=0.0)
 
 
+def test_gradient_checkpointing_is_refused(tokenizer: PreTrainedTokenizerFast) -> None:
+    """transformers drops the cache under checkpointing; that must raise, not mislead."""
+    policy, _ = _setup("gpt2", tokenizer)
+    policy.gradient_checkpointing_enable()
+    policy.train()
+    items = _items(tokenizer, "suffix")
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        shared_prefix_target_logits(
+            policy, [p for p, _, _ in items], [t for _, _, t in items], tokenizer.pad_token_id
+        )
+
+
 def test_reference_forward_shares_one_prefix_per_post(tokenizer: PreTrainedTokenizerFast) -> None:
     """The no-grad path really shares: far fewer token positions reach the model."""
     _, reference = _setup("gptj", tokenizer)
