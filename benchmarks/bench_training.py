@@ -64,7 +64,7 @@ Item = tuple[list[int], list[int]]
 def build_items(
     tokenizer, rows: list[dict], placement: str, sampling: SamplingConfig, max_target: int
 ) -> list[list[Item]]:
-    """One list of 10 (prompt ids, target ids) items per post."""
+    """One list of 10 (prompt ids, target ids) items per post; placement "bare" = no control."""
     per_post = []
     for row in rows:
         prompt = tldr_prompt(row["subreddit"], row["title"], row["post"])
@@ -74,8 +74,11 @@ def build_items(
         ]
         items = []
         for k in range(NUM_QUANTILES):
-            conditioned = condition_prompt(prompt, quantile_token(k), placement)  # type: ignore[arg-type]
-            ids = encode_prompt(tokenizer, conditioned, sampling)
+            if placement == "bare":  # what the KL reference sees: no control token
+                ids = encode_prompt(tokenizer, prompt, sampling)
+            else:
+                conditioned = condition_prompt(prompt, quantile_token(k), placement)  # type: ignore[arg-type]
+                ids = encode_prompt(tokenizer, conditioned, sampling)
             items.extend((ids, target) for target in targets)
         per_post.append(items)
     return per_post
@@ -166,6 +169,49 @@ def run(
     return out
 
 
+@torch.no_grad()
+def run_reference(
+    model: torch.nn.Module, posts: list[list[Item]], pad: int, log: Callable[[str], None]
+) -> dict:
+    """The KL term's no-grad reference forward on bare prompts, shared vs plain, alternating.
+
+    All 10 items of a post share the bare prompt whatever the placement, so one prefix per batch.
+    """
+    seconds: dict[str, list[float]] = {"shared": [], "plain": []}
+    max_diff = 0.0
+    for b, items in enumerate([posts[0], *posts]):  # the first pass is an untimed warm-up
+        prompts, targets = [p for p, _ in items], [t for _, t in items]
+        logits = {}
+        for way in ("shared", "plain") if b % 2 else ("plain", "shared"):
+            start = time.perf_counter()
+            if way == "shared":
+                logits[way] = shared_target_logits(model, build_shared_batch(prompts, targets, pad))
+            else:
+                logits[way] = target_logits(model, collate(prompts, targets, pad))
+            if b > 0:
+                seconds[way].append(time.perf_counter() - start)
+        mask = collate(prompts, targets, pad).label_mask.bool()
+        max_diff = max(max_diff, float((logits["shared"] - logits["plain"])[mask].abs().max()))
+        if b > 0:
+            log(
+                f"  reference post {b - 1}: shared {seconds['shared'][-1]:.2f}s "
+                f"plain {seconds['plain'][-1]:.2f}s"
+            )
+    items = sum(len(x) for x in posts)
+    rates = {way: items / sum(seconds[way]) for way in seconds}
+    return {
+        "items": items,
+        "shared_seconds": round(sum(seconds["shared"]), 2),
+        "plain_seconds": round(sum(seconds["plain"]), 2),
+        "shared_items_per_s": round(rates["shared"], 3),
+        "plain_items_per_s": round(rates["plain"], 3),
+        "speedup": round(rates["shared"] / rates["plain"], 2),
+        "per_post_shared_s": [round(x, 2) for x in seconds["shared"]],
+        "per_post_plain_s": [round(x, 2) for x in seconds["plain"]],
+        "max_logit_diff": max_diff,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DEFAULT_DATA)
@@ -174,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=400)
     parser.add_argument("--max-target-tokens", type=int, default=47, help="plus EOS")
     parser.add_argument("--unfrozen-ratio", type=float, default=0.3)
-    parser.add_argument("--placements", nargs="+", default=["suffix", "prefix"])
+    parser.add_argument(
+        "--placements", nargs="*", default=["suffix", "prefix"], help="none: skip training steps"
+    )
+    parser.add_argument(
+        "--reference", action="store_true", help="also time the no-grad KL reference forward"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "training.json"))
     args = parser.parse_args(argv)
@@ -196,13 +247,18 @@ def main(argv: list[str] | None = None) -> int:
 
     posts = {
         placement: build_items(tokenizer, rows, placement, sampling, args.max_target_tokens)
-        for placement in args.placements
+        for placement in [*args.placements, "bare"]
     }
-    first = posts[args.placements[0]]
-    results = run(model, posts, pad, log)
+    first = posts[args.placements[0] if args.placements else "bare"]
+    results: dict = {}
+    if args.placements:
+        results = run(model, {p: posts[p] for p in args.placements}, pad, log)
+    if args.reference:
+        # Same weights as the policy: only the cost is measured, and it does not depend on them.
+        results["reference_forward"] = run_reference(model, posts["bare"], pad, log)
     log(
         json.dumps(
-            {k: {n: v for n, v in r.items() if n != "per_post_s"} for k, r in results.items()}
+            {k: {n: v for n, v in r.items() if "per_post" not in n} for k, r in results.items()}
         )
     )
 
@@ -218,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": "the 10 items of one post",
         "trainable_blocks": f"{blocks - frozen} of {blocks} (plus embeddings, final norm, head)",
         "loss": "quark_loss, entropy_coef 0.06, no KL",
+        "reference_forward": "no-grad target_logits on bare prompts" if args.reference else None,
         "conditioned_prompt_tokens": [len(items[0][0]) for items in first],
         "target_tokens_with_eos": [[len(t) for _, t in items[:2]] for items in first],
         "results": results,
