@@ -224,12 +224,14 @@ def shared_target_logits(model: nn.Module, batch: SharedBatch) -> Tensor:
     """Logits predicting each target token, (b, T, v) float32, in the caller's item order.
 
     Equals `trainer.target_logits(model, trainer.collate(prompts, targets, pad_id))` for the same
-    items. Runs under whatever grad mode the caller set: with grad (policy) the prefix cache is
-    repeated by indexing inside the graph, so each shared prefix is back-propagated once with the
-    summed gradient of its items; under `torch.no_grad()` (KL reference) it is just a cheaper
-    forward. Works for a model wrapped by `accelerate` and with frozen blocks, since it only calls
-    the model's forward. Not with gradient checkpointing in training mode: transformers then
-    drops the cache, which is detected and raised rather than computed wrongly.
+    items at every real target position; positions past an item's target are padding in both and
+    are masked by `batch.label_mask`. Runs under whatever grad mode the caller set: with grad
+    (policy) the prefix cache is repeated by indexing inside the graph, so each shared prefix is
+    back-propagated once with the summed gradient of its items; under `torch.no_grad()` (KL
+    reference) it is just a cheaper forward. Works for a model wrapped by `accelerate` and with
+    frozen blocks, since it only calls the model's forward. Not with gradient checkpointing in
+    training mode: transformers then drops the cache, which is detected and raised rather than
+    computed wrongly.
     """
     device = next(model.parameters()).device
     cache = None
