@@ -27,6 +27,7 @@ from alignment.conditioning import Conditioning, control_token_ids
 from alignment.config import SamplingConfig, TrainConfig
 from alignment.losses import quark_loss, token_logprobs
 from alignment.pool import TrainItem
+from alignment.prefix_sharing import prompt_grouped_batches, shared_prefix_target_logits
 from alignment.prompts import truncate_middle
 
 log = logging.getLogger(__name__)
@@ -254,11 +255,17 @@ class ConditionalTrainer:
         self.policy.train()
         progress = tqdm(total=steps_per_epoch * cfg.num_epochs, desc="training", unit="step")
         for _ in range(cfg.num_epochs):
-            order = list(range(len(encoded)))
-            rng.shuffle(order)
-            for start in range(0, len(order), cfg.batch_size):
-                chunk = [encoded[i] for i in order[start : start + cfg.batch_size]]
-                history.append(self._step(chunk, pad))
+            if cfg.batches_by_prompt:
+                batches = prompt_grouped_batches([i.prompt for i in items], cfg.batch_size, rng)
+            else:
+                order = list(range(len(encoded)))
+                rng.shuffle(order)
+                batches = [
+                    order[start : start + cfg.batch_size]
+                    for start in range(0, len(order), cfg.batch_size)
+                ]
+            for batch in batches:
+                history.append(self._step([encoded[i] for i in batch], pad))
                 progress.update()
                 progress.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         progress.close()
@@ -268,16 +275,19 @@ class ConditionalTrainer:
     def _step(self, chunk: list[tuple[list[int], list[int], list[int]]], pad: int) -> dict:
         cfg = self.config
         targets = [target for _, _, target in chunk]
-        batch = collate([p for p, _, _ in chunk], targets, pad)
-        logits = target_logits(self.policy, batch)
+        # Items whose prompts share a prefix run it once (the same logits as `collate` +
+        # `target_logits`, a fraction of the compute when a batch holds several of a prompt).
+        logits, batch = shared_prefix_target_logits(
+            self.policy, [p for p, _, _ in chunk], targets, pad
+        )
         if cfg.mask_control_logits and self.control_ids is not None:
             # The sampler never emits control tokens, so train the distribution it samples from.
             logits = logits.index_fill(-1, self.control_ids.to(logits.device), float("-inf"))
         ref_logits = None
         if cfg.kl_coef > 0 and self.reference is not None:
             with torch.no_grad():
-                ref_logits = target_logits(
-                    self.reference, collate([r for _, r, _ in chunk], targets, pad)
+                ref_logits, _ = shared_prefix_target_logits(
+                    self.reference, [r for _, r, _ in chunk], targets, pad
                 )
         device = logits.device
         loss, stats = quark_loss(

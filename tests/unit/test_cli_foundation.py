@@ -125,3 +125,40 @@ def test_bad_model_exits_2(tmp_path, capsys, model, message):
 def test_generate_rejects_empty_prompt(tiny_model_dir, capsys):
     assert main(["generate", str(tiny_model_dir), " "]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("saved", "flag", "expected"),
+    [
+        ("suffix", [], "Hello there_QUANTILE_TOKEN_0_"),
+        ("suffix", ["--placement", "prefix"], "_QUANTILE_TOKEN_0_Hello there"),
+        (None, [], "_QUANTILE_TOKEN_0_Hello there"),  # tokens without conditioning.json: ALT's
+        ("suffix", ["--no-condition"], "Hello there"),
+    ],
+)
+def test_generate_conditions_as_the_checkpoint_was_trained(
+    tiny_model_dir, monkeypatch, saved, flag, expected
+):
+    """The control goes where the checkpoint's conditioning.json says, unless overridden."""
+    from alignment.conditioning import Conditioning
+    from alignment.models import load_model_and_tokenizer
+    from experiments.commands import generate
+
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    conditioning = Conditioning.quantile_tokens(5, saved or "prefix")
+    conditioning.prepare(tokenizer, model, seed=0)
+    model.save_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(tiny_model_dir)
+    if saved:
+        conditioning.save(tiny_model_dir)
+    seen = []
+    sample = generate.HFSampler.sample
+
+    def spy(self, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return sample(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate.HFSampler, "sample", spy)
+    argv = ["generate", str(tiny_model_dir), "Hello there", "--max-new-tokens", "3", *flag]
+    assert main(argv) == 0
+    assert seen == [expected]
