@@ -1,21 +1,34 @@
-"""transformers backend with a shared prompt prefill.
+"""transformers backend with a shared prompt prefill and its own decode loop.
 
 A TL;DR prompt is 300-500 tokens and a summary ~50. `generate(num_return_sequences=K)` prefills
-every prompt K times; here each prompt is prefilled once, its KV cache is repeated K times, and
-decoding continues from there. Prompts are sorted by length into batches so little compute goes
-to padding. Measured on 2 CPU cores (benchmarks/README.md): 1.8x the generations per second of
-`generate` at K = 4 and 2.4x at K = 16; on CPU decoding, which both do alike, then dominates.
+every prompt K times; here each prompt is prefilled once and its K samples decode from that one
+KV prefix: where the model's attention can be swapped (transformers' AttentionInterface) the
+prefix is kept once per prompt and read once per step for all K rows (`shared_prefix_attention`),
+otherwise it is repeated K times into a preallocated StaticCache. Decoding is a loop of our own:
+generate's per-step logits processing (a full-vocabulary sort for top-p among it) cost about
+40% of a batch-16 forward on CPU, and `top_p_candidates` gets the same exact nucleus from a
+`topk` shortlist. Prompts are sorted by length into batches so little compute goes to padding.
+Speed against `generate`: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import (
+    AttentionInterface,
+    Cache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StaticCache,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alignment.conditioning import control_token_ids
 from alignment.config import SamplingConfig
@@ -92,6 +105,77 @@ def top_p_candidates(
         out_ids[where, : ids.shape[1]] = ids
         out_probs[where, : kept.shape[1]] = kept
     return out_ids, out_probs / out_probs.sum(dim=-1, keepdim=True)
+
+
+SHARED_PREFIX_ATTENTION = "quark_shared_prefix"
+"""Name of `shared_prefix_attention` in transformers' AttentionInterface (and mask interface)."""
+
+_shared_prefix: ContextVar[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = (
+    ContextVar("quark_shared_prefix", default=None)
+)
+
+
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """One decode step's attention when K rows in a row share each prompt's KV prefix.
+
+    Repeating a prompt's KV cache K times makes every decode step read K copies of the same
+    300-500 prefix tokens (a third of a batch-64 step on CPU), and filling the repeated cache
+    cost as much as several steps. Here the cache holds only the generated tokens (`key`,
+    `value`, one row per sample) and each prompt's prefix is kept once (set by
+    `HFSampler._shared_prefix_context`): the queries of a prompt's K rows attend to it together,
+    in one matmul per KV head, and the two parts are merged with their softmax maxima and sums
+    (the log-sum-exp split of flash attention), which is exact up to rounding. Decode only
+    (one query token); for eval-mode plain causal attention (no dropout, sliding window,
+    soft-capping or sinks). Masks are sdpa's booleans (True = attend).
+    """
+    prefixes = _shared_prefix.get()
+    if prefixes is None:
+        raise RuntimeError("shared_prefix_attention called outside HFSampler's decode loop")
+    for unsupported in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"shared_prefix_attention does not support {unsupported}")
+    prefix_key, prefix_value, prefix_mask = prefixes[module.layer_idx]
+    rows, heads, q_len, dim = query.shape
+    if q_len != 1:
+        raise NotImplementedError("shared_prefix_attention handles one query token per row")
+    prompts, kv_heads, _, value_dim = prefix_value.shape
+    samples, rep = rows // prompts, heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    # Query head h reads KV head h // rep (transformers' repeat_kv order).
+    grouped = query.reshape(prompts, samples, kv_heads, rep, dim).transpose(1, 2)
+    grouped = grouped.reshape(prompts, kv_heads, samples * rep, dim)
+    pre = (grouped @ prefix_key.transpose(-1, -2)) * scale
+    pre = pre.masked_fill(~prefix_mask, -math.inf)  # (prompts, kv_heads, samples * rep, prefix)
+    pre_max = pre.amax(dim=-1, keepdim=True)
+    pre_safe = torch.where(pre_max.isfinite(), pre_max, 0.0)  # a prefix of padding only
+    pre_exp = torch.exp(pre - pre_safe)
+    pre_sum, pre_out = pre_exp.sum(dim=-1, keepdim=True), pre_exp @ prefix_value
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(prompts, kv_heads, samples, rep, t.shape[-1]).transpose(1, 2)
+        return t.reshape(rows, kv_heads, rep, t.shape[-1])
+
+    pre_max, pre_sum, pre_out = per_row(pre_max), per_row(pre_sum), per_row(pre_out)
+    suf = (query.reshape(rows, kv_heads, rep, dim) @ key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1:, : key.shape[2]]  # (rows, 1, 1, slots)
+        suf = suf.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else suf + mask
+    suf_max = suf.amax(dim=-1, keepdim=True)  # finite: a row always sees its current token
+    suf_exp = torch.exp(suf - suf_max)
+    both_max = torch.maximum(pre_max, suf_max)
+    pre_weight = torch.where(pre_max.isfinite(), torch.exp(pre_max - both_max), 0.0)
+    suf_weight = torch.exp(suf_max - both_max)
+    out = pre_out * pre_weight + (suf_exp @ value) * suf_weight
+    out = out / (pre_sum * pre_weight + suf_exp.sum(dim=-1, keepdim=True) * suf_weight)
+    return out.reshape(rows, 1, heads, value_dim).contiguous(), None
 
 
 class HFSampler:
@@ -178,16 +262,62 @@ class HFSampler:
             use_cache=True,
             logits_to_keep=1,  # the prefill's logits are never used; skip the (p, vocab) matmul
         )
-        cache = self._repeated_static_cache(prefill.cache, num_samples, width + cfg.max_new_tokens)
-        new_tokens = self._decode_loop(
-            cache,
-            last_ids=input_ids[:, -1].repeat_interleave(num_samples),
-            last_positions=positions[:, -1].repeat_interleave(num_samples),
-            prompt_mask=mask.repeat_interleave(num_samples, dim=0),
-            greedy=greedy,
-        ).tolist()
+        rows = len(batch) * num_samples
+        if self._can_share_prefix():
+            # The cache holds the generated tokens only, from the last prompt token on.
+            cache: Cache = StaticCache(config=self.model.config, max_cache_len=cfg.max_new_tokens)
+            context = self._shared_prefix_context(prefill.cache, mask[:, :-1])
+            cache_mask = torch.ones(rows, 1, dtype=mask.dtype, device=device)
+        else:
+            cache = self._repeated_static_cache(
+                prefill.cache, num_samples, width + cfg.max_new_tokens
+            )
+            context = nullcontext()
+            cache_mask = mask.repeat_interleave(num_samples, dim=0)
+        with context:
+            new_tokens = self._decode_loop(
+                cache,
+                last_ids=input_ids[:, -1].repeat_interleave(num_samples),
+                last_positions=positions[:, -1].repeat_interleave(num_samples),
+                cache_mask=cache_mask,
+                greedy=greedy,
+            ).tolist()
         gens = [self._decode(ids) for ids in new_tokens]
         return [gens[i : i + num_samples] for i in range(0, len(gens), num_samples)]
+
+    def _can_share_prefix(self) -> bool:
+        """Whether `shared_prefix_attention` can stand in for this model's attention.
+
+        It needs a decoder whose attention goes through transformers' AttentionInterface (so it
+        can be swapped), plain causal softmax attention (sdpa or eager; no sliding window or
+        soft-capping) and one KV tensor pair per layer. Others (GPT-J today) repeat the cache.
+        """
+        model = self.model
+        config = model.config.get_text_config(decoder=True)
+        return (
+            not model.config.is_encoder_decoder
+            and model.config._attn_implementation in ("sdpa", "eager")
+            and type(model)._can_set_attn_implementation()
+            and getattr(config, "sliding_window", None) is None
+            and getattr(config, "attn_logit_softcapping", None) is None
+            and set(getattr(config, "layer_types", None) or ["full_attention"])
+            == {"full_attention"}
+        )
+
+    @contextmanager
+    def _shared_prefix_context(self, prefix: Cache, prefix_mask: torch.Tensor) -> Iterator[None]:
+        """Run the model with `shared_prefix_attention` over this prefill's KV, then restore it."""
+        AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+        AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+        visible = prefix_mask.bool()[:, None, None, :]
+        token = _shared_prefix.set([(lay.keys, lay.values, visible) for lay in prefix.layers])
+        original = self.model.config._attn_implementation
+        self.model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
+        try:
+            yield
+        finally:
+            self.model.set_attn_implementation(original)
+            _shared_prefix.reset(token)
 
     def _repeated_static_cache(self, prefix: Cache, repeats: int, max_len: int) -> StaticCache:
         """The prefill's KV repeated `repeats` times into a preallocated cache.
@@ -211,10 +341,13 @@ class HFSampler:
         *,
         last_ids: torch.Tensor,
         last_positions: torch.Tensor,
-        prompt_mask: torch.Tensor,
+        cache_mask: torch.Tensor,
         greedy: bool,
     ) -> torch.Tensor:
         """New token ids (rows, steps), rows that stopped padded with pad ids, as generate() does.
+
+        `cache_mask` covers the slots `cache` holds before decoding and the last prompt token
+        (fed first), 0 for left padding.
 
         Our own loop rather than `generate`: its per-step logits processing (a full-vocabulary
         sort for top-p, stopping criteria, input bookkeeping) cost about 40% of a batch-16
@@ -224,15 +357,15 @@ class HFSampler:
         pad tokens and their outputs replaced by pad, and the loop ends when every row stopped.
         """
         cfg, model = self.config, self.model
-        rows, width = prompt_mask.shape
+        rows, width = cache_mask.shape
         max_new = cfg.max_new_tokens
-        device = prompt_mask.device
+        device = cache_mask.device
         pad = self.tokenizer.pad_token_id
         stops = torch.tensor(self.stop_ids, device=device)
         suppress = torch.tensor(control_token_ids(self.tokenizer), dtype=torch.long, device=device)
         min_new = model.generation_config.min_new_tokens or 0
-        attention = torch.ones(rows, width + max_new, dtype=prompt_mask.dtype, device=device)
-        attention[:, :width] = prompt_mask
+        attention = torch.ones(rows, width + max_new, dtype=cache_mask.dtype, device=device)
+        attention[:, :width] = cache_mask
         out = torch.full((rows, max_new), pad, dtype=torch.long, device=device)
         unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         current, position = last_ids, last_positions
@@ -256,7 +389,7 @@ class HFSampler:
             if greedy:
                 chosen = logits.argmax(dim=-1)
             else:
-                ids, probs = top_p_candidates(logits / cfg.temperature, cfg.top_p)
+                ids, probs = top_p_candidates(logits.div_(cfg.temperature), cfg.top_p)
                 chosen = ids.gather(1, torch.multinomial(probs, 1)).squeeze(1)
             chosen = torch.where(unfinished, chosen, pad)
             out[:, step] = chosen
