@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 
 import torch
@@ -255,20 +255,23 @@ class HFSampler:
         )
         # Prefill all but the last prompt token once per prompt, positions as generate() makes them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        prefill = self.model(
-            input_ids=input_ids[:, :-1],
-            attention_mask=mask[:, :-1],
-            position_ids=positions[:, :-1],
-            use_cache=True,
-            logits_to_keep=1,  # the prefill's logits are never used; skip the (p, vocab) matmul
-        )
         rows = len(batch) * num_samples
-        if self._can_share_prefix():
+        if self._can_share_prefix() and width > 1:
+            prefix = self._prefill_each(batch, width - 1)
             # The cache holds the generated tokens only, from the last prompt token on.
             cache: Cache = StaticCache(config=self.model.config, max_cache_len=cfg.max_new_tokens)
-            context = self._shared_prefix_context(prefill.cache, mask[:, :-1])
+            context: AbstractContextManager[None] = self._shared_prefix_context(
+                prefix, mask[:, :-1]
+            )
             cache_mask = torch.ones(rows, 1, dtype=mask.dtype, device=device)
         else:
+            prefill = self.model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                use_cache=True,
+                logits_to_keep=1,  # the prefill's logits are never used; skip the vocab matmul
+            )
             cache = self._repeated_static_cache(
                 prefill.cache, num_samples, width + cfg.max_new_tokens
             )
@@ -304,13 +307,48 @@ class HFSampler:
             == {"full_attention"}
         )
 
+    def _prefill_each(
+        self, batch: list[list[int]], slots: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of every prompt but its last token, left-padded to `slots`.
+
+        Each prompt is prefilled alone: a padded batch computes every padding position too
+        (about 14% of the prefill for TL;DR prompts of 235 to 378 tokens), while alone a prompt
+        needs neither padding nor a mask, and its positions start at 0 as generate's do. The
+        padding slots stay zero; `shared_prefix_attention` masks them.
+        """
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for row, ids in enumerate(batch):
+            if len(ids) < 2:
+                continue  # nothing before the last token: every slot of this row is padding
+            out = self.model(
+                input_ids=torch.tensor([ids[:-1]], device=self.model.device),
+                use_cache=True,
+                logits_to_keep=1,  # the prefill's logits are never used; skip the vocab matmul
+            )
+            for i, layer in enumerate(out.cache.layers):
+                if len(layers) <= i:
+                    shape = (len(batch), layer.keys.shape[1], slots)
+                    layers.append(
+                        (
+                            layer.keys.new_zeros(*shape, layer.keys.shape[-1]),
+                            layer.values.new_zeros(*shape, layer.values.shape[-1]),
+                        )
+                    )
+                keys, values = layers[i]
+                keys[row, :, slots - len(ids) + 1 :] = layer.keys[0]
+                values[row, :, slots - len(ids) + 1 :] = layer.values[0]
+        return layers
+
     @contextmanager
-    def _shared_prefix_context(self, prefix: Cache, prefix_mask: torch.Tensor) -> Iterator[None]:
-        """Run the model with `shared_prefix_attention` over this prefill's KV, then restore it."""
+    def _shared_prefix_context(
+        self, prefix: list[tuple[torch.Tensor, torch.Tensor]], prefix_mask: torch.Tensor
+    ) -> Iterator[None]:
+        """Run the model with `shared_prefix_attention` over this KV prefix, then restore it."""
         AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
         AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
         visible = prefix_mask.bool()[:, None, None, :]
-        token = _shared_prefix.set([(lay.keys, lay.values, visible) for lay in prefix.layers])
+        token = _shared_prefix.set([(keys, values, visible) for keys, values in prefix])
         original = self.model.config._attn_implementation
         self.model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
         try:
