@@ -293,9 +293,12 @@ class HFSampler:
 
         It needs a decoder whose attention goes through transformers' AttentionInterface (so it
         can be swapped), plain causal softmax attention (sdpa or eager; no sliding window or
-        soft-capping) and one KV tensor pair per layer. Others (GPT-J today) repeat the cache.
+        soft-capping) and one KV tensor pair per layer, in eval mode (it applies no dropout).
+        Other models get the prefix repeated K times into a StaticCache.
         """
         model = self.model
+        if not isinstance(model, PreTrainedModel) or model.training:
+            return False
         config = model.config.get_text_config(decoder=True)
         return (
             not model.config.is_encoder_decoder

@@ -260,3 +260,11 @@ def test_rows_that_stopped_are_padded_while_others_go_on(tiny_model, tiny_tokeni
     tiny_model.get_output_embeddings().register_forward_hook(steer)
     gens = sampler.sample(PROMPTS[:1], rows, seed=0, greedy=True)[0]
     assert [(g.finish_reason, g.num_tokens) for g in gens] == [("stop", r) for r in range(rows)]
+
+
+def test_a_model_in_training_mode_keeps_its_own_attention(tiny_model, tiny_tokenizer):
+    """shared_prefix_attention applies no dropout, so a training-mode model repeats the cache."""
+    sampler = HFSampler(tiny_model, tiny_tokenizer, SamplingConfig(max_new_tokens=3))
+    assert sampler._can_share_prefix()
+    tiny_model.train()
+    assert not sampler._can_share_prefix()
