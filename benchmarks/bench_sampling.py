@@ -1,16 +1,24 @@
-"""Generations per second: HFSampler (shared prefill) against `generate(num_return_sequences=K)`.
+"""Generations per second: HFSampler against `generate(num_return_sequences=K)`.
 
-A speed measurement, not a test. Both methods get the same TL;DR prompts (cut to at most
-`max_prompt_tokens` by the sampler's own `encode_prompts`), the same batches (sorted by length,
-`prompt_batch_size` prompts per call, left padding, pad = eos), the same sampling settings
-(T 0.9, top_p 0.9, top_k 0) and the same stop ids, and both are forced to generate exactly
-`max_new_tokens` tokens (`min_new_tokens` = `max_new_tokens`), so early stopping plays no part.
-Runs are interleaved (sampler, baseline, baseline, sampler, ...) and the median ratio reported,
-since the machine is shared and noisy.
+A speed measurement, not a test. Three methods, with the same weights:
+
+- sampler: `samplers.HFSampler` as shipped (prefill once per prompt, own decode loop, shared-prefix
+  attention or a repeated StaticCache, top-p on a topk shortlist);
+- previous: the sampler as it was before its own decode loop (prefill once per prompt, the
+  DynamicCache repeated K times, then `generate` decodes), kept here only as a reference;
+- generate: transformers' `model.generate(num_return_sequences=K)`, prefilling every prompt K times.
+
+All get the same TL;DR prompts (cut to at most `max_prompt_tokens` by the sampler's own
+`encode_prompts`), the same batches (sorted by length, `prompt_batch_size` prompts per call, left
+padding, pad = eos), the same sampling settings (T 0.9, top_p 0.9, top_k 0), the same suppressed
+control tokens and stop ids, and all are forced to generate exactly `max_new_tokens` tokens
+(`min_new_tokens` = `max_new_tokens`), so early stopping plays no part. The order of methods
+alternates between repeats and the median per-repeat ratio is reported, since the machine is shared
+and noisy. Before timing, greedy sampler output is checked token for token against `generate`.
 
 A forward hook on the model splits each run's wall time into prefill forwards (more than one new
-token), decode forwards (one new token) and the rest (generate's per-step Python: logits
-processors, sampling, stopping criteria; cache repeat; tokenizing and decoding text).
+token), decode forwards (one new token) and the rest (per-step logits processing and sampling,
+stopping criteria, cache set-up, tokenizing and decoding text).
 
     .venv/bin/python benchmarks/bench_sampling.py --num-prompts 4 --k 4 16 --repeats 2
 """
@@ -38,7 +46,7 @@ from alignment.prompts import load_prompts
 from samplers import HFSampler
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = "/work/shared/data/tldr_dev.jsonl"
+DEFAULT_DATA = str(ROOT.parent / "shared" / "data" / "tldr_dev.jsonl")  # ../shared beside the clone
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -87,7 +95,86 @@ def run_sampler(sampler: HFSampler, prompts: list[str], k: int, seed: int) -> tu
     return len(gens), sum(g.num_tokens for g in gens)
 
 
-def run_baseline(
+def _batch_tensors(
+    encoded: Sequence[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded ids and attention mask for one batch, and its width."""
+    width = max(len(x) for x in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=device)
+    return input_ids, mask, width
+
+
+def run_previous(
+    sampler: HFSampler, prompts: list[str], k: int, seed: int, min_new_tokens: int
+) -> tuple[int, int]:
+    """(generations, new tokens) the way HFSampler sampled before its own decode loop.
+
+    Each prompt prefilled once, its DynamicCache repeated k times, then `generate` decodes.
+    """
+    model, tok, cfg = sampler.model, sampler.tokenizer, sampler.config
+    encoded = sampler.encode_prompts(prompts)
+    pad = tok.pad_token_id
+    torch.manual_seed(seed)
+    generations = new_tokens = 0
+    with torch.no_grad():
+        for batch in length_batches(encoded, cfg.prompt_batch_size):
+            input_ids, mask, width = _batch_tensors([encoded[i] for i in batch], pad, model.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            prefill = model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=positions[:, :-1],
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = prefill.cache
+            cache.batch_repeat_interleave(k)
+            out = model.generate(
+                input_ids=input_ids.repeat_interleave(k, dim=0),
+                attention_mask=mask.repeat_interleave(k, dim=0),
+                cache=cache,
+                do_sample=True,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=0,
+                max_new_tokens=cfg.max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                eos_token_id=sampler.stop_ids,
+                pad_token_id=pad,
+                suppress_tokens=control_token_ids(tok) or None,
+            )
+            gens = [sampler._decode(row) for row in out[:, width:].tolist()]
+            generations += len(gens)
+            new_tokens += sum(g.num_tokens for g in gens)
+    return generations, new_tokens
+
+
+def greedy_check(sampler: HFSampler, prompts: list[str], max_new_tokens: int) -> bool:
+    """Whether the sampler's greedy tokens equal plain greedy `generate`'s, prompt by prompt."""
+    model, tok = sampler.model, sampler.tokenizer
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, prompt_batch_size=len(prompts))
+    greedy = HFSampler(model, tok, cfg)
+    encoded = greedy.encode_prompts(prompts)
+    ours = [gens[0] for gens in greedy.sample(prompts, 1, seed=0, greedy=True)]
+    same = True
+    with torch.no_grad():
+        for gen, ids in zip(ours, encoded, strict=True):
+            out = model.generate(
+                input_ids=torch.tensor([ids], device=model.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=0,
+                eos_token_id=greedy.stop_ids,
+                pad_token_id=tok.pad_token_id,
+                suppress_tokens=control_token_ids(tok) or None,
+            )
+            same &= greedy._decode(out[0, len(ids) :].tolist()) == gen
+    return same
+
+
+def run_generate(
     sampler: HFSampler, prompts: list[str], k: int, seed: int, min_new_tokens: int
 ) -> tuple[int, int]:
     """(generations, new tokens) from transformers' generate(num_return_sequences=k)."""
@@ -99,14 +186,7 @@ def run_baseline(
     generations = new_tokens = 0
     with torch.no_grad():
         for batch in length_batches(encoded, cfg.prompt_batch_size):
-            ids = [encoded[i] for i in batch]
-            width = max(len(x) for x in ids)
-            input_ids = torch.tensor(
-                [[pad] * (width - len(x)) + x for x in ids], device=model.device
-            )
-            mask = torch.tensor(
-                [[0] * (width - len(x)) + [1] * len(x) for x in ids], device=model.device
-            )
+            input_ids, mask, width = _batch_tensors([encoded[i] for i in batch], pad, model.device)
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -163,22 +243,21 @@ def measure(
     return run
 
 
+METHODS = ("sampler", "previous", "generate")
+
+
 def summarize(runs: list[dict], ks: Sequence[int], expected_tokens: int) -> list[dict]:
     rows = []
     for k in ks:
-        by = {
-            m: [r for r in runs if r["k"] == k and r["method"] == m]
-            for m in ("sampler", "baseline")
-        }
-        ratios = [
-            s["generations_per_s"] / b["generations_per_s"]
-            for s, b in zip(by["sampler"], by["baseline"], strict=True)
-        ]
-        row: dict[str, object] = {
-            "k": k,
-            "speedup_median": round(statistics.median(ratios), 3),
-            "speedup_per_repeat": [round(x, 3) for x in ratios],
-        }
+        by = {m: [r for r in runs if r["k"] == k and r["method"] == m] for m in METHODS}
+        row: dict[str, object] = {"k": k}
+        for base in ("generate", "previous"):
+            ratios = [
+                s["generations_per_s"] / b["generations_per_s"]
+                for s, b in zip(by["sampler"], by[base], strict=True)
+            ]
+            row[f"speedup_vs_{base}_median"] = round(statistics.median(ratios), 3)
+            row[f"speedup_vs_{base}_per_repeat"] = [round(x, 3) for x in ratios]
         for m, rs in by.items():
             row[m] = {
                 key: round(statistics.median(r[key] for r in rs), 3)
@@ -203,14 +282,14 @@ def summarize(runs: list[dict], ks: Sequence[int], expected_tokens: int) -> list
 def print_table(summary: list[dict]) -> None:
     head = (
         f"{'K':>3}  {'method':<9} {'gens':>5} {'tokens':>6} {'wall s':>7} {'gen/s':>7} "
-        f"{'tok/s':>7} {'prefill s':>9} {'decode s':>8} {'other s':>7}  speedup"
+        f"{'tok/s':>7} {'prefill s':>9} {'decode s':>8} {'other s':>7}  sampler speedup"
     )
     print(head)
     print("-" * len(head))
     for row in summary:
-        for m in ("sampler", "baseline"):
+        for m in METHODS:
             r = row[m]
-            speed = f"{row['speedup_median']:.2f}x" if m == "sampler" else ""
+            speed = f"{row[f'speedup_vs_{m}_median']:.2f}x" if m != "sampler" else ""
             print(
                 f"{row['k']:>3}  {m:<9} {r['generations']:>5} {r['new_tokens']:>6} "
                 f"{r['wall_s']:>7.1f} {r['generations_per_s']:>7.3f} {r['tokens_per_s']:>7.2f} "
@@ -226,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--num-prompts", type=int, default=4)
     p.add_argument("--k", type=int, nargs="+", default=[4, 16])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--prompt-batch-size", type=int, default=SamplingConfig.prompt_batch_size)
     p.add_argument(
         "--threads",
@@ -248,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens, prompt_batch_size=args.prompt_batch_size
     )
     sampler = HFSampler(model, tokenizer, config)
-    # HFSampler has no min_new_tokens option; generate() reads it from the model's config.
+    # HFSampler has no min_new_tokens option; it reads it from the model's generation config.
     model.generation_config.min_new_tokens = args.max_new_tokens
     lengths = [len(ids) for ids in sampler.encode_prompts(prompts)]
     timer = ForwardTimer()
@@ -258,7 +337,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     warm = HFSampler(model, tokenizer, SamplingConfig(max_new_tokens=2))
     model.generation_config.min_new_tokens = 2
     warm.sample(prompts[:1], 2, seed=args.seed)
-    run_baseline(warm, prompts[:1], 2, args.seed, min_new_tokens=2)
+    run_previous(warm, prompts[:1], 2, args.seed, min_new_tokens=2)
+    run_generate(warm, prompts[:1], 2, args.seed, min_new_tokens=2)
+    model.generation_config.min_new_tokens = 0
+    greedy_same = greedy_check(sampler, prompts[:2], 16)
+    print(f"greedy sampler tokens equal greedy generate's (2 prompts, 16 tokens): {greedy_same}")
     model.generation_config.min_new_tokens = args.max_new_tokens
 
     print(
@@ -268,12 +351,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     methods = {
         "sampler": lambda k: run_sampler(sampler, prompts, k, args.seed),
-        "baseline": lambda k: run_baseline(sampler, prompts, k, args.seed, args.max_new_tokens),
+        "previous": lambda k: run_previous(sampler, prompts, k, args.seed, args.max_new_tokens),
+        "generate": lambda k: run_generate(sampler, prompts, k, args.seed, args.max_new_tokens),
     }
     runs = []
     for k in args.k:
         for repeat in range(args.repeats):
-            order = ["sampler", "baseline"] if repeat % 2 == 0 else ["baseline", "sampler"]
+            order = list(METHODS) if repeat % 2 == 0 else list(reversed(METHODS))
             for name in order:
                 runs.append(measure(name, lambda n=name, k=k: methods[n](k), timer, k, repeat))
 
@@ -281,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print_table(summary)
     result = {
-        "benchmark": "HFSampler (shared prefill) vs generate(num_return_sequences=K)",
+        "benchmark": "HFSampler vs its previous version vs generate(num_return_sequences=K)",
         "command": " ".join(
             [
                 ".venv/bin/python",
@@ -308,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "dtype": str(model.dtype),
             "note": "shared machine, other jobs may run; compare ratios, not absolute times",
         },
-        "speedup_is": "sampler generations/s divided by baseline generations/s, same repeat",
+        "speedup_is": "sampler generations/s divided by the other method's, same repeat",
+        "greedy_matches_generate": greedy_same,
         "summary": summary,
         "runs": runs,
     }

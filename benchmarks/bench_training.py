@@ -54,7 +54,7 @@ from alignment.trainer import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = "/work/shared/data/tldr_dev.jsonl"
+DEFAULT_DATA = str(ROOT.parent / "shared" / "data" / "tldr_dev.jsonl")  # ../shared beside the clone
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 NUM_QUANTILES = 5
 
