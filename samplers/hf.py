@@ -240,12 +240,11 @@ class HFSampler:
         self, batch: list[list[int]], num_samples: int, greedy: bool
     ) -> list[list[Generation]]:
         cfg, device = self.config, self.model.device
-        pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
-        mask = torch.tensor(
-            [[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device
-        )
+        padded = self.tokenizer.pad(
+            {"input_ids": batch}, padding_side="left", return_tensors="pt"
+        )  # left: every prompt ends where decoding starts
+        input_ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+        width = input_ids.shape[1]
         # Prefill all but the last prompt token once per prompt, positions as generate() makes them.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         rows = len(batch) * num_samples
