@@ -18,6 +18,7 @@ from experiments.commands.common import (
 )
 from samplers import HFSampler
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hub id, local path or embedded: name")
     parser.add_argument("--prompts", required=True, help="prompt set (JSONL)")
