@@ -11,19 +11,73 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.conditioning import Conditioning
-from alignment.config import Config
-from alignment.interfaces import Sampler, ScoreFn
+from alignment.config import Config, SamplingConfig
+from alignment.interfaces import Generation, Sampler, ScoreFn
 from alignment.metrics import distinct_n, mean_and_stderr, mean_perplexity, sequence_kl_estimate
 from alignment.prompts import PromptRow
 from alignment.trainer import encode_prompt, encode_target, target_logprobs
 
 EVAL_SEED_OFFSET = 10_000  # the same eval draws at every iteration, apart from the policy
+
+
+@dataclass(frozen=True)
+class ScoredSamples:
+    """K generations per prompt, flattened prompt-major, with their rewards.
+
+    `prompts` are the raw prompts and `conditioned` the texts the policy saw, one per generation;
+    `rewards` holds None where the scorer gave no usable value.
+    """
+
+    prompts: list[str]
+    conditioned: list[str]
+    generations: list[Generation]
+    rewards: list[float | None]
+    samples_per_prompt: int
+
+    @property
+    def completions(self) -> list[str]:
+        return [g.text for g in self.generations]
+
+
+def sample_and_score(
+    sampler: Sampler,
+    rows: Sequence[PromptRow],
+    score: ScoreFn,
+    conditioning: Conditioning | None,
+    samples_per_prompt: int,
+    seed: int,
+    quantile: int = 0,
+) -> ScoredSamples:
+    """Draw `samples_per_prompt` generations per row conditioned on `quantile`, and score them."""
+    texts = [conditioning.condition(r.prompt, quantile) if conditioning else r.prompt for r in rows]
+    k = samples_per_prompt
+    sampled = sampler.sample(texts, k, seed=seed)
+    prompts = [r.prompt for r in rows for _ in range(k)]
+    gens = [g for gs in sampled for g in gs]
+    rewards = score(prompts, [g.text for g in gens])
+    return ScoredSamples(prompts, [t for t in texts for _ in range(k)], gens, rewards, k)
+
+
+def sample_metrics(scored: ScoredSamples) -> dict[str, float]:
+    """Reward (per generation), length, stop rate and dist-n of a set of scored generations."""
+    gens, completions = scored.generations, scored.completions
+    mean, stderr = mean_and_stderr(scored.rewards)
+    return {
+        "reward_mean": mean,
+        "reward_stderr": stderr,
+        "reward_n": sum(r is not None and math.isfinite(r) for r in scored.rewards),
+        "length": sum(g.num_tokens for g in gens) / len(gens),
+        "stopped_fraction": sum(g.finish_reason == "stop" for g in gens) / len(gens),
+        "distinct_1": distinct_n(completions, 1),
+        "distinct_2": distinct_n(completions, 2),
+    }
 
 
 def evaluate(
@@ -37,60 +91,60 @@ def evaluate(
     conditioning: Conditioning | None,
 ) -> dict:
     """Metrics of `policy` on `rows`, conditioned on the best control (None: unconditioned)."""
-    texts = [conditioning.condition(r.prompt) if conditioning else r.prompt for r in rows]
-    k = config.eval.samples_per_prompt
-    sampled = sampler.sample(texts, k, seed=config.seed + EVAL_SEED_OFFSET)
-    prompts = [r.prompt for r in rows for _ in range(k)]
-    conditioned = [t for t in texts for _ in range(k)]
-    gens = [g for gs in sampled for g in gs]
-    completions = [g.text for g in gens]
-    rewards = score(prompts, completions)
-    mean, stderr = mean_and_stderr(rewards)
-    result = {
-        "reward_mean": mean,
-        "reward_stderr": stderr,
-        "reward_n": sum(r is not None and math.isfinite(r) for r in rewards),
-        "length": sum(g.num_tokens for g in gens) / len(gens),
-        "stopped_fraction": sum(g.finish_reason == "stop" for g in gens) / len(gens),
-        "distinct_1": distinct_n(completions, 1),
-        "distinct_2": distinct_n(completions, 2),
-    }
+    scored = sample_and_score(
+        sampler,
+        rows,
+        score,
+        conditioning,
+        config.eval.samples_per_prompt,
+        seed=config.seed + EVAL_SEED_OFFSET,
+    )
+    result: dict = sample_metrics(scored)
     result.update(
-        _likelihood_metrics(policy, reference, tokenizer, config, prompts, conditioned, completions)
+        likelihood_metrics(
+            policy, reference, tokenizer, config.sampling, config.train.batch_size, scored
+        )
     )
     if config.eval.greedy:
+        texts = [conditioning.condition(r.prompt) if conditioning else r.prompt for r in rows]
         greedy = [gs[0].text for gs in sampler.sample(texts, 1, seed=0, greedy=True)]
         result["greedy_reward_mean"], result["greedy_reward_stderr"] = mean_and_stderr(
             score([r.prompt for r in rows], greedy)
         )
+    k = scored.samples_per_prompt
     result["examples"] = [
-        {"prompt_id": r.id, "generation": gs[0].text}
-        for r, gs in zip(rows[:3], sampled[:3], strict=False)
+        {"prompt_id": r.id, "generation": scored.generations[i * k].text}
+        for i, r in enumerate(rows[:3])
     ]
     return result
 
 
-def _likelihood_metrics(
+def likelihood_metrics(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    config: Config,
-    prompts: list[str],
-    conditioned: list[str],
-    completions: list[str],
+    sampling: SamplingConfig,
+    batch_size: int,
+    scored: ScoredSamples,
 ) -> dict[str, float]:
+    """Mean per-sample perplexity under `reference` (bare prompt) and the KL estimate.
+
+    The policy scores each generation after the text it was conditioned on; `tokenizer` must be
+    the policy's (a superset of the reference's vocabulary: the control tokens only).
+    """
+    prompts, conditioned, completions = scored.prompts, scored.conditioned, scored.completions
     # Generation tokens without EOS, as ALT's perplexity script scores the raw text.
-    max_new = config.sampling.max_new_tokens
+    max_new = sampling.max_new_tokens
     targets = [encode_target(tokenizer, c, add_eos=False, max_tokens=max_new) for c in completions]
     keep = [i for i, t in enumerate(targets) if t]
     if not keep:
         return {"ref_perplexity": math.nan, "kl": math.nan}
     targets = [targets[i] for i in keep]
-    bare = [encode_prompt(tokenizer, prompts[i], config.sampling) for i in keep]
-    cond = [encode_prompt(tokenizer, conditioned[i], config.sampling) for i in keep]
-    pad, size = tokenizer.pad_token_id, config.train.batch_size
-    ref_lp = target_logprobs(reference, bare, targets, pad, size)
-    pol_lp = target_logprobs(policy, cond, targets, pad, size)
+    bare = [encode_prompt(tokenizer, prompts[i], sampling) for i in keep]
+    cond = [encode_prompt(tokenizer, conditioned[i], sampling) for i in keep]
+    pad = tokenizer.pad_token_id
+    ref_lp = target_logprobs(reference, bare, targets, pad, batch_size)
+    pol_lp = target_logprobs(policy, cond, targets, pad, batch_size)
     ref_padded = pad_sequence(ref_lp, batch_first=True)
     mask = pad_sequence([torch.ones_like(x) for x in ref_lp], batch_first=True)
     kl = sequence_kl_estimate(pad_sequence(pol_lp, batch_first=True), ref_padded, mask).tolist()

@@ -1,0 +1,321 @@
+"""`quark-alt eval`: held-out comparison of policies on the same prompts, seed and sampling.
+
+The first POLICY is the baseline (typically the initial policy); every later one is compared with
+it paired by prompt. Rewards are summarised with the prompt as the unit (`alignment.comparison`):
+the K samples of a prompt are not independent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from alignment.comparison import (
+    paired_difference,
+    per_prompt_means,
+    prompt_level_summary,
+    win_fractions,
+)
+from alignment.conditioning import Conditioning
+from alignment.config import SamplingConfig, TrainConfig
+from alignment.errors import UserError
+from alignment.evaluation import likelihood_metrics, sample_and_score, sample_metrics
+from alignment.io import atomic_write
+from alignment.models import load_model_and_tokenizer, load_tokenizer
+from alignment.prompts import PromptRow, load_prompts
+from experiments.commands.common import add_sampling_arguments, sampling_config
+from rewards import load_reward
+from rewards.cli import reward_options
+from samplers import HFSampler
+
+RUN_DIR_MARKERS = ("config.yaml", "state.json", "checkpoints")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "policies",
+        nargs="+",
+        metavar="POLICY",
+        help="run directory (its newest checkpoint), checkpoint folder, hub id, path or "
+        "embedded: name; the first is the baseline the others are compared with",
+    )
+    parser.add_argument("--prompts", required=True, help="held-out prompt set (JSONL)")
+    parser.add_argument("--reward", default="embedded", help="reward spec, as `quark-alt score`")
+    parser.add_argument(
+        "--reward-arg", action="append", default=[], metavar="KEY=VALUE", help="reward option"
+    )
+    parser.add_argument("-k", "--num-samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="model for perplexity and KL (default: the first POLICY; 'none' to skip both)",
+    )
+    parser.add_argument("--limit", type=int, help="use only the first N prompts")
+    parser.add_argument("--out", default="eval.json", help="JSON report to write")
+    parser.add_argument(
+        "--conditioning-curve",
+        action="store_true",
+        help="also evaluate each conditioned policy on every control k = 0..K-1",
+    )
+    parser.add_argument(
+        "--vs-references",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="win rate against the human summaries (default: when every prompt has one)",
+    )
+    parser.add_argument("--no-condition", action="store_true", help="evaluate all unconditioned")
+    parser.add_argument(
+        "--batch-size", type=int, default=TrainConfig.batch_size, help="likelihood forward batch"
+    )
+    add_sampling_arguments(parser)
+
+
+def resolve_policy(name: str) -> str:
+    """A run directory becomes its newest checkpoint; anything else passes through unchanged."""
+    folder = Path(name)
+    if not folder.is_dir() or not any((folder / m).exists() for m in RUN_DIR_MARKERS):
+        return name
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return name  # a model folder that happens to hold a config.yaml
+    checkpoints = sorted(p for p in (folder / "checkpoints").glob("iter_*") if p.is_dir())
+    if not checkpoints:
+        raise UserError(f"{name}: a run directory without checkpoints (no checkpoints/iter_*)")
+    return str(checkpoints[-1])
+
+
+def _policy_conditioning(name: str, path: str, tokenizer: Any, off: bool) -> Conditioning | None:
+    if off:
+        return None
+    conditioning = Conditioning.load(path, tokenizer)
+    if conditioning is not None and not conditioning.is_ready(tokenizer):
+        missing = [c for c in conditioning.controls if c not in tokenizer.get_added_vocab()]
+        raise UserError(
+            f"{name}: conditioning.json says it is conditioned on control tokens, but its "
+            f"tokenizer lacks {', '.join(missing)}"
+        )
+    return conditioning
+
+
+def _check_vocab(reference_tokenizer: Any, tokenizer: Any, policy: str, reference: str) -> None:
+    ref_vocab, vocab = reference_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if any(vocab.get(tok) != idx for tok, idx in ref_vocab.items()):
+        raise UserError(
+            f"{policy} and the reference {reference} have different vocabularies: perplexity "
+            "and KL need the same tokenizer (give --reference, or --reference none)"
+        )
+
+
+def _reward_block(rewards: list[float | None], k: int) -> tuple[list[float | None], dict]:
+    means = per_prompt_means(rewards, k)
+    summary = prompt_level_summary(means)
+    return means, {"reward_mean": summary["mean"], "reward_stderr": summary["stderr"]}
+
+
+def _nan_to_none(value: Any) -> Any:
+    """JSON has no NaN: write null instead (strict parsers refuse NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    k = args.num_samples
+    if k < 1:
+        raise UserError(f"--num-samples must be >= 1, got {k}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.conditioning_curve and args.no_condition:
+        raise UserError("--conditioning-curve needs conditioned policies; drop --no-condition")
+    cfg: SamplingConfig = sampling_config(args)
+    rows = load_prompts(args.prompts, limit=args.limit)
+    has_refs = all(r.reference for r in rows)
+    if args.vs_references and not has_refs:
+        missing = sum(not r.reference for r in rows)
+        raise UserError(
+            f"{args.prompts}: --vs-references needs a reference summary ('summary' or 'label') "
+            f"in every row; {missing} of {len(rows)} rows have none"
+        )
+    vs_refs = has_refs if args.vs_references is None else args.vs_references
+    paths = [resolve_policy(p) for p in args.policies]  # bad run dirs fail before any loading
+    # Conditioning from the tokenizers alone, so every such mistake fails before any sampling.
+    conditionings = [
+        _policy_conditioning(name, path, load_tokenizer(path), args.no_condition)
+        for name, path in zip(args.policies, paths, strict=True)
+    ]
+    if args.conditioning_curve and not any(conditionings):
+        raise UserError(
+            f"--conditioning-curve: {', '.join(args.policies)} "
+            f"{'is' if len(paths) == 1 else 'are'} not conditioned (no conditioning.json and no "
+            "control tokens in the tokenizer)"
+        )
+    reference_name = args.reference if args.reference is not None else paths[0]
+    use_reference = reference_name.lower() != "none"
+
+    reward = load_reward(args.reward, **reward_options(args.reward_arg))
+    reference_rewards = (
+        reward.score([r.prompt for r in rows], [r.reference or "" for r in rows])
+        if vs_refs
+        else None
+    )
+    reference_model = reference_tokenizer = None
+    if use_reference:
+        reference_model, reference_tokenizer = load_model_and_tokenizer(
+            reference_name, dtype=args.dtype, device=args.device
+        )
+        reference_model.requires_grad_(False)
+
+    results: list[dict] = []
+    baseline_means: list[float | None] | None = None
+    for name, path, conditioning in zip(args.policies, paths, conditionings, strict=True):
+        result = _evaluate_policy(
+            name, path, conditioning, rows, reward, cfg, args, reference_model,
+            reference_tokenizer, reference_name, reference_rewards,
+        )  # fmt: skip
+        means = result.pop("_per_prompt")
+        if baseline_means is None:
+            baseline_means = means
+            result["paired_vs_baseline"] = None
+        else:
+            paired = paired_difference(baseline_means, means).to_dict()
+            result["paired_vs_baseline"] = {"baseline": args.policies[0], **paired}
+        results.append(result)
+        print(_summary_line(result))
+
+    report = {
+        "settings": {
+            "prompts": str(args.prompts),
+            "num_prompts": len(rows),
+            "limit": args.limit,
+            "samples_per_prompt": k,
+            "seed": args.seed,
+            "reward": args.reward,
+            "reward_options": reward_options(args.reward_arg),
+            "reference": reference_name if use_reference else None,
+            "vs_references": vs_refs,
+            "no_condition": args.no_condition,
+            "conditioning_curve": args.conditioning_curve,
+            "dtype": args.dtype,
+            "batch_size": args.batch_size,
+            "sampling": asdict(cfg),
+        },
+        "policies": results,
+    }
+    with atomic_write(args.out) as handle:
+        json.dump(_nan_to_none(report), handle, indent=1, ensure_ascii=False)
+        handle.write("\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _evaluate_policy(
+    name: str,
+    path: str,
+    conditioning: Conditioning | None,
+    rows: list[PromptRow],
+    reward: Any,
+    cfg: SamplingConfig,
+    args: argparse.Namespace,
+    reference_model: Any,
+    reference_tokenizer: Any,
+    reference_name: str,
+    reference_rewards: list[float | None] | None,
+) -> dict:
+    k = args.num_samples
+    model, tokenizer = load_model_and_tokenizer(path, dtype=args.dtype, device=args.device)
+    sampler = HFSampler(model, tokenizer, cfg)
+    scored = sample_and_score(sampler, rows, reward.score, conditioning, k, seed=args.seed)
+    means, reward_summary = _reward_block(scored.rewards, k)
+    metrics: dict[str, Any] = {
+        **sample_metrics(scored),
+        **reward_summary,  # prompt-level mean +- SE replaces the per-sample one
+        "num_prompts": len(rows),
+        "num_samples": len(scored.generations),
+        "reward_prompts": prompt_level_summary(means)["n"],
+        "per_prompt_reward": means,
+    }
+    if reference_model is not None:
+        _check_vocab(reference_tokenizer, tokenizer, name, reference_name)
+        metrics.update(
+            likelihood_metrics(model, reference_model, tokenizer, cfg, args.batch_size, scored)
+        )
+    if reference_rewards is not None:
+        wins = win_fractions(scored.rewards, reference_rewards, k)
+        metrics["win_rate_vs_references"] = prompt_level_summary(wins)
+    curve = None
+    if args.conditioning_curve and conditioning is not None:
+        per_control = []
+        for q, control in enumerate(conditioning.controls):
+            if q == 0:
+                q_means = means  # the best control is what was just evaluated
+            else:
+                again = sample_and_score(
+                    sampler, rows, reward.score, conditioning, k, seed=args.seed, quantile=q
+                )
+                q_means = per_prompt_means(again.rewards, k)
+            summary = prompt_level_summary(q_means)
+            per_control.append(
+                {
+                    "quantile": q,
+                    "control": control,
+                    "reward_mean": summary["mean"],
+                    "reward_stderr": summary["stderr"],
+                    "per_prompt_reward": q_means,
+                }
+            )
+        worst = per_control[-1]["per_prompt_reward"]
+        curve = {
+            "controls": per_control,
+            "best_minus_worst": paired_difference(worst, means).to_dict(),
+        }
+    return {
+        "name": name,
+        "path": path,
+        "conditioning": None
+        if conditioning is None
+        else {**asdict(conditioning), "controls": list(conditioning.controls)},
+        "control": conditioning.best if conditioning else None,
+        "metrics": metrics,
+        "conditioning_curve": curve,
+        "_per_prompt": means,
+    }
+
+
+def _summary_line(result: dict) -> str:
+    m = result["metrics"]
+    parts = [
+        f"{result['name']}: reward {_fmt(m['reward_mean'])} +- {_fmt(m['reward_stderr'])} "
+        f"({m['num_prompts']} prompts, {m['num_samples']} samples)",
+        f"len {_fmt(m['length'], 1)}",
+        f"stop {_fmt(m['stopped_fraction'], 2)}",
+        f"dist-1/2 {_fmt(m['distinct_1'], 3)}/{_fmt(m['distinct_2'], 3)}",
+    ]
+    if "ref_perplexity" in m:
+        parts.append(f"ppl {_fmt(m['ref_perplexity'], 2)} kl {_fmt(m['kl'], 3)}")
+    if "win_rate_vs_references" in m:
+        w = m["win_rate_vs_references"]
+        parts.append(f"win vs refs {_fmt(w['mean'], 3)} +- {_fmt(w['stderr'], 3)}")
+    paired = result["paired_vs_baseline"]
+    if paired:
+        parts.append(
+            f"vs baseline {paired['mean']:+.4f} +- {_fmt(paired['stderr'])} "
+            f"(W/T/L {paired['wins']}/{paired['ties']}/{paired['losses']})"
+        )
+    curve = result["conditioning_curve"]
+    if curve:
+        d = curve["best_minus_worst"]
+        parts.append(f"best-worst control {d['mean']:+.4f} +- {_fmt(d['stderr'])}")
+    if result["conditioning"] is None:
+        parts.append("unconditioned")
+    return ", ".join(parts)

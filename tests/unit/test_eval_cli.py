@@ -1,0 +1,205 @@
+"""`quark-alt eval` end to end on the tiny GPT-J checkpoint with a word-count reward."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alignment.comparison import paired_difference
+from alignment.conditioning import Conditioning
+from alignment.models import load_model_and_tokenizer
+from experiments.cli import main
+from experiments.commands.eval import resolve_policy
+
+REWARD_MODULE = "quark_eval_test_reward"
+FAST = ["--max-new-tokens", "6", "--device", "cpu", "--seed", "3"]
+
+PROMPTS = [
+    {"id": "a", "prompt": "POST: my dog ate a sock\nTL;DR:", "label": "dog ate sock"},
+    {"id": "b", "prompt": "POST: the rent went up again\nTL;DR:", "label": "rent up"},
+    {"id": "c", "prompt": "POST: I lost my keys at work\nTL;DR:", "label": "lost keys today"},
+]
+
+
+@pytest.fixture
+def reward(tmp_path, monkeypatch) -> str:
+    """A `module:function` reward on sys.path: the number of words of the completion."""
+    folder = tmp_path / "reward_module"
+    folder.mkdir()
+    (folder / f"{REWARD_MODULE}.py").write_text(
+        "def words(prompts, completions, **kwargs):\n"
+        "    return [float(len(c.split())) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    return f"{REWARD_MODULE}:words"
+
+
+def write_prompts(path: Path, with_references: bool = True) -> Path:
+    rows = PROMPTS if with_references else [{k: r[k] for k in ("id", "prompt")} for r in PROMPTS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    return write_prompts(tmp_path / "prompts.jsonl")
+
+
+@pytest.fixture
+def conditioned_dir(tmp_path, tiny_model_dir) -> Path:
+    """The tiny checkpoint with 3 quantile tokens added and a conditioning.json."""
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
+    conditioning = Conditioning.quantile_tokens(3)
+    conditioning.prepare(tokenizer, model, seed=0)
+    folder = tmp_path / "conditioned"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    conditioning.save(folder)
+    return folder
+
+
+def run_eval(*argv: str) -> int:
+    return main(["eval", *argv, *FAST])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_same_policy_twice_is_an_exact_tie(tmp_path, tiny_model_dir, prompts, reward, capsys):
+    out = tmp_path / "eval.json"
+    d = str(tiny_model_dir)
+    argv = [d, d, "--prompts", str(prompts), "--reward", reward, "-k", "2", "--out", str(out)]
+    assert run_eval(*argv) == 0
+    stdout = capsys.readouterr().out.splitlines()
+    assert len([line for line in stdout if line.startswith(d + ":")]) == 2
+    assert "vs baseline +0.0000" in stdout[1] and "W/T/L 0/3/0" in stdout[1]
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert settings["samples_per_prompt"] == 2 and settings["num_prompts"] == 3
+    assert settings["reward"] == reward and settings["reference"] == d
+    assert settings["sampling"]["max_new_tokens"] == 6 and settings["vs_references"] is True
+    first, second = report["policies"]
+    assert first["paired_vs_baseline"] is None
+    assert first["conditioning"] is None and first["path"] == d
+    m = first["metrics"]
+    assert (m["num_prompts"], m["num_samples"]) == (3, 6)
+    means = m["per_prompt_reward"]
+    assert len(means) == 3
+    # prompt-level mean and SE (ddof=1) of the per-prompt means, by hand
+    mean = sum(means) / 3
+    assert m["reward_mean"] == pytest.approx(mean)
+    if len(set(means)) > 1:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in means) / 2)
+        assert m["reward_stderr"] == pytest.approx(sd / math.sqrt(3))
+    for key in ("length", "stopped_fraction", "distinct_1", "distinct_2", "ref_perplexity"):
+        assert key in m
+    assert abs(m["kl"]) < 1e-5  # the policy is its own reference
+    assert m["win_rate_vs_references"]["n"] == 3
+    assert 0.0 <= m["win_rate_vs_references"]["mean"] <= 1.0
+    # same prompts, seed and settings: identical generations, so an exact tie on every prompt
+    assert second["metrics"]["per_prompt_reward"] == means
+    assert second["paired_vs_baseline"] == {
+        "baseline": d,
+        "mean": 0.0,
+        "stderr": 0.0,
+        "n": 3,
+        "wins": 0,
+        "ties": 3,
+        "losses": 0,
+    }
+
+
+def test_conditioning_curve_on_a_conditioned_checkpoint(
+    tmp_path, tiny_model_dir, conditioned_dir, prompts, reward, capsys
+):
+    out = tmp_path / "eval.json"
+    argv = [str(tiny_model_dir), str(conditioned_dir), "--prompts", str(prompts)]
+    argv += ["--reward", reward, "-k", "2", "--out", str(out), "--conditioning-curve"]
+    argv += ["--reference", "none", "--no-vs-references"]
+    assert run_eval(*argv) == 0
+    stdout = capsys.readouterr().out
+    assert "best-worst control" in stdout
+    baseline, policy = json.loads(out.read_text())["policies"]
+    assert baseline["conditioning"] is None and baseline["conditioning_curve"] is None
+    assert "ref_perplexity" not in policy["metrics"]
+    assert "win_rate_vs_references" not in policy["metrics"]
+    assert policy["conditioning"] == {
+        "kind": "tokens",
+        "controls": ["_QUANTILE_TOKEN_0_", "_QUANTILE_TOKEN_1_", "_QUANTILE_TOKEN_2_"],
+        "placement": "prefix",
+    }
+    assert policy["control"] == "_QUANTILE_TOKEN_0_"
+    curve = policy["conditioning_curve"]
+    assert [c["quantile"] for c in curve["controls"]] == [0, 1, 2]
+    best = curve["controls"][0]["per_prompt_reward"]
+    worst = curve["controls"][2]["per_prompt_reward"]
+    assert best == policy["metrics"]["per_prompt_reward"]
+    expected = paired_difference(worst, best)
+    got = curve["best_minus_worst"]
+    assert got["n"] == 3
+    assert got["mean"] == pytest.approx(sum(b - w for b, w in zip(best, worst, strict=True)) / 3)
+    assert got["mean"] == pytest.approx(expected.mean)
+    assert (got["wins"], got["ties"], got["losses"]) == (
+        expected.wins,
+        expected.ties,
+        expected.losses,
+    )
+
+
+def test_no_condition_evaluates_unconditioned(tmp_path, conditioned_dir, prompts, reward):
+    out = tmp_path / "eval.json"
+    argv = [str(conditioned_dir), "--prompts", str(prompts), "--reward", reward, "-k", "1"]
+    assert run_eval(*argv, "--out", str(out), "--no-condition", "--reference", "none") == 0
+    (policy,) = json.loads(out.read_text())["policies"]
+    assert policy["conditioning"] is None and policy["control"] is None
+
+
+def test_run_directory_means_its_newest_checkpoint(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    for name in ("iter_001", "iter_002"):
+        shutil.copytree(tiny_model_dir, run / "checkpoints" / name)
+    (run / "config.yaml").write_text("iterations: 2\n")
+    assert resolve_policy(str(run)) == str(run / "checkpoints" / "iter_002")
+    checkpoint = str(run / "checkpoints" / "iter_001")
+    assert resolve_policy(checkpoint) == checkpoint
+    assert resolve_policy(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert resolve_policy("embedded:smollm2-135m-instruct") == "embedded:smollm2-135m-instruct"
+
+
+def test_bad_inputs_exit_2_with_one_line(
+    tmp_path, tiny_model_dir, conditioned_dir, prompts, reward, capsys
+):
+    d, common = str(tiny_model_dir), ["--reward", reward, "--out", str(tmp_path / "e.json")]
+
+    assert run_eval(d, "--prompts", str(prompts), "--conditioning-curve", *common) == 2
+    assert "not conditioned" in one_line_error(capsys)
+
+    bare = write_prompts(tmp_path / "bare.jsonl", with_references=False)
+    assert run_eval(d, "--prompts", str(bare), "--vs-references", *common) == 2
+    err = one_line_error(capsys)
+    assert str(bare) in err and "reference" in err
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("iterations: 1\n")
+    assert run_eval(d, str(run), "--prompts", str(prompts), *common) == 2
+    assert "without checkpoints" in one_line_error(capsys)
+
+    # conditioning.json says tokens, the tokenizer has none
+    lacking = tmp_path / "lacking"
+    shutil.copytree(tiny_model_dir, lacking)
+    shutil.copy(conditioned_dir / "conditioning.json", lacking)
+    assert run_eval(str(lacking), "--prompts", str(prompts), *common) == 2
+    err = one_line_error(capsys)
+    assert str(lacking) in err and "_QUANTILE_TOKEN_0_" in err
+
+    assert run_eval(d, "--prompts", str(prompts), "-k", "0", *common) == 2
+    assert "--num-samples" in one_line_error(capsys)
+    assert not (tmp_path / "e.json").exists()
