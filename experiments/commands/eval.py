@@ -21,7 +21,7 @@ from alignment.comparison import (
     win_fractions,
 )
 from alignment.conditioning import Conditioning
-from alignment.config import SamplingConfig, TrainConfig
+from alignment.config import EvalConfig, SamplingConfig, TrainConfig
 from alignment.errors import UserError
 from alignment.evaluation import likelihood_metrics, sample_and_score, sample_metrics
 from alignment.io import atomic_write
@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reward-arg", action="append", default=[], metavar="KEY=VALUE", help="reward option"
     )
-    parser.add_argument("-k", "--num-samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument(
+        "-k", "--num-samples", type=int, default=EvalConfig.samples_per_prompt, help="per prompt"
+    )
     parser.add_argument(
         "--reference",
         default=None,
