@@ -33,7 +33,7 @@ def _warn_if_too_few(sizes: Sequence[int], num_quantiles: int, scope: str) -> No
     if not small or num_quantiles in _warned_too_few:
         return
     _warned_too_few.add(num_quantiles)
-    where = "prompt(s)" if scope == "prompt" else "pool"
+    where = "prompt(s)" if scope == "prompt" else "global pool(s)"
     log.warning(
         "%d %s have fewer usable rewards (as few as %d) than the %d quantiles: all of their "
         "generations go to the worst quantile %d; draw at least %d samples per prompt",
