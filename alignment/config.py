@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ class SamplingConfig:
     """Also stop at a newline: TL;DR summaries are one line; ALT stops at EOS only."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
+        # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError("sampling.temperature must be > 0 (use greedy decoding instead)")
         if not 0 < self.top_p <= 1:
             raise ValueError("sampling.top_p must be in (0, 1]")
@@ -156,6 +158,31 @@ class TrainConfig:
     whole run. Either way the optimizer, scheduler and RNG state are checkpointed, so a resumed
     run continues exactly."""
 
+    def __post_init__(self) -> None:
+        """Refuse values AdamW or the schedule would only reject (or turn into NaN weights) after
+        minutes of sampling; comparisons are written so that NaN fails them."""
+        checks = {
+            "learning_rate": (self.learning_rate, "> 0", lambda v: v > 0),
+            "adam_eps": (self.adam_eps, "> 0", lambda v: v > 0),
+            "weight_decay": (self.weight_decay, ">= 0", lambda v: v >= 0),
+            "warmup_ratio": (self.warmup_ratio, "in [0, 1]", lambda v: 0 <= v <= 1),
+            "entropy_coef": (self.entropy_coef, ">= 0", lambda v: v >= 0),
+            "kl_coef": (self.kl_coef, ">= 0", lambda v: v >= 0),
+            "control_lr_multiplier": (self.control_lr_multiplier, ">= 0", lambda v: v >= 0),
+            "unfrozen_layers_ratio": (
+                self.unfrozen_layers_ratio,
+                "in [0, 1]",
+                lambda v: 0 <= v <= 1,
+            ),
+        }
+        for i, beta in enumerate(self.adam_betas):
+            checks[f"adam_betas[{i}]"] = (beta, "in [0, 1)", lambda v: 0 <= v < 1)
+        if self.max_grad_norm is not None:
+            checks["max_grad_norm"] = (self.max_grad_norm, "> 0 (or null)", lambda v: v > 0)
+        for name, (value, rule, ok) in checks.items():
+            if not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"train.{name} must be {rule}, got {value}")
+
 
 @dataclass
 class EvalConfig:
@@ -246,9 +273,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         if not path.is_file():
             raise UserError(f"{path}: no such config file")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: invalid YAML ({err})") from err
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, ValueError) as err:  # ValueError: not UTF-8, or a bad date
+            raise UserError(f"{path}: invalid YAML ({_one_line(err)})") from err
         if not isinstance(tree, dict):
             raise UserError(f"{path}: the top level must be a mapping")
     for item in overrides:
@@ -261,7 +288,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except (yaml.YAMLError, ValueError) as err:
+            raise UserError(f"override {item!r}: invalid YAML value ({_one_line(err)})") from err
     try:
         config = _build(Config, tree, "")
         _check_sections(config.algorithm, tree)
@@ -286,6 +316,10 @@ def _check_sections(algorithm: str, tree: dict[str, Any]) -> None:
                 f"section '{key}' is not read by algorithm '{algorithm}' (it reads "
                 f"{', '.join(SHARED_SECTIONS + own)}; '{key}' belongs to {', '.join(owners)})"
             )
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
@@ -335,9 +369,14 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float and not isinstance(value, bool):
         # YAML 1.1 reads "2e-5" (no dot) as a string; accept what float() accepts.
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             pass
+        else:
+            # No setting means anything at NaN or infinity; .nan/.inf are always typos or tests.
+            if not math.isfinite(number):
+                raise ValueError(f"'{key}' must be a finite number, got {value!r}")
+            return number
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ValueError(f"'{key}' must be {hint.__name__}, got {value!r}")
     return value

@@ -7,14 +7,23 @@ GGUF-loaded model as quantized and refuses to save it, and dequantizing on every
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
+import pickle
+import re
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,7 +33,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from alignment.errors import UserError
+from alignment.errors import UserError, suggest
 from alignment.io import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -60,14 +69,60 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QUARK_ALT_CACHE", Path.home() / ".cache" / "quark-alt"))
 
 
-def resolve_model_path(name: str) -> str:
-    """Turn an `embedded:` name into a local folder; hub ids and paths pass through unchanged."""
-    if not name.startswith(EMBEDDED_PREFIX):
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads them at import)."""
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint: seconds instead of transformers' ~50 s of retries."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", huggingface_hub.constants.ENDPOINT))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _check_hub_id(name: str) -> str:
+    """A name that is not a local path must be a well-formed hub id that can be had right now.
+
+    Without this, a typo costs ~50 s of retries and 20 warnings offline before transformers
+    gives up. A model in the local HF cache is used from there when the hub cannot be asked.
+    """
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        known = [EMBEDDED_PREFIX + k for k in EMBEDDED]
+        raise UserError(
+            f"model {name!r}: no such folder, and not a hub id (org/name){suggest(name, known)}"
+        ) from err
+    offline = hub_offline()
+    if not offline and hub_reachable():
         return name
+    try:
+        return huggingface_hub.snapshot_download(name, local_files_only=True)
+    except Exception as err:  # LocalEntryNotFoundError and friends: the hub raises many kinds
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise UserError(
+            f"model {name!r}: no such folder, and {why} and it is not in the local "
+            f"Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE})"
+        ) from err
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn an `embedded:` name into a local folder; an existing path passes through unchanged,
+    a hub id too when the hub can be reached (else its cached snapshot folder is used)."""
+    if not name.startswith(EMBEDDED_PREFIX):
+        return name if Path(name).exists() else _check_hub_id(name)
     key = name.removeprefix(EMBEDDED_PREFIX)
     if key not in EMBEDDED:
-        known = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED)
-        raise UserError(f"unknown embedded model {name!r}; known: {known}")
+        known = [EMBEDDED_PREFIX + k for k in EMBEDDED]
+        raise UserError(
+            f"unknown embedded model {name!r}{suggest(name, known)} (known: {', '.join(known)})"
+        )
     spec = EMBEDDED[key]
     try:
         dist = importlib.metadata.distribution(spec.distribution)
@@ -139,12 +194,103 @@ def load_model(
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     try:
-        model = auto.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+        with _own_load_report():
+            model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as err:
+        # SafetensorError: a truncated or corrupt .safetensors; UnpicklingError: a .bin that
+        # torch's weights-only loader refuses (it would run code).
         raise UserError(f"cannot load model {name!r}: {_first_line(err)}") from err
+    except RuntimeError as err:
+        if "mismatched" not in str(err):  # shape mismatches; anything else (OOM) is no user error
+            raise
+        raise UserError(f"cannot load model {name!r}: weights of the wrong shape") from err
+    check_loading_info(model, info, name, new_head=num_labels is not None)
     model.to(device or default_device())
     model.eval()
     return model
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _own_load_report() -> Iterator[None]:
+    """Silence transformers' multi-line key table: `check_loading_info` states the same problem
+    in the one line the CLI promises (and says which fresh head keys are fine)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def check_loading_info(
+    model: PreTrainedModel, info: dict[str, object], name: str, *, new_head: bool = False
+) -> None:
+    """Refuse weights whose keys do not fit the architecture instead of running a random model.
+
+    transformers only logs missing and unexpected keys and fills the gaps randomly, so a
+    checkpoint with renamed keys used to load, exit 0 and generate gibberish. Allowed, because
+    they carry no information of their own:
+    - tied weights (the output embedding is the input one) and the architecture's
+      `_keys_to_ignore_on_load_missing/unexpected` (buffers such as GPT-2's causal mask);
+    - with `new_head` (a classifier head made fresh to be trained, as `train-rm` does), keys
+      outside the base model: the new head is missing and the checkpoint's own head unexpected.
+    """
+    tied = _tied_keys(model)
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+
+    def allowed(key: str, patterns: object) -> bool:
+        if any(re.search(p, key) for p in _patterns(patterns)):
+            return True
+        return new_head and bool(prefix) and not key.startswith(prefix)
+
+    missing = sorted(
+        k
+        for k in info.get("missing_keys", ())  # type: ignore[attr-defined]
+        if k not in tied and not allowed(k, getattr(model, "_keys_to_ignore_on_load_missing", None))
+    )
+    unexpected = sorted(
+        k
+        for k in info.get("unexpected_keys", ())  # type: ignore[attr-defined]
+        if not allowed(k, getattr(model, "_keys_to_ignore_on_load_unexpected", None))
+    )
+    problems = [
+        f"{len(keys)} {kind} weight(s) ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected))
+        if keys
+    ]
+    if problems:
+        raise UserError(
+            f"cannot load model {name!r}: checkpoint does not fit {type(model).__name__}: "
+            + "; ".join(problems)
+        )
+    fresh = sorted(set(info.get("missing_keys", ())) - tied)  # type: ignore[call-overload]
+    if fresh:
+        log.info("%s: freshly initialised (not in the checkpoint): %s", name, ", ".join(fresh))
+
+
+def _tied_keys(model: PreTrainedModel) -> set[str]:
+    """Parameter names that share storage with another parameter (and so need no weights)."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for key, param in model.named_parameters(remove_duplicate=False):
+        if param.data_ptr() in seen:
+            tied.add(key)
+        else:
+            seen[param.data_ptr()] = key
+    keys = getattr(model, "_tied_weights_keys", None)
+    if isinstance(keys, dict) and model.config.get_text_config().tie_word_embeddings:
+        tied.update(keys)
+    return tied
+
+
+def _patterns(value: object) -> list[str]:
+    return [p for p in value if isinstance(p, str)] if isinstance(value, list | tuple) else []
 
 
 def load_config(name: str, *, trust_remote_code: bool = False) -> object:
@@ -160,7 +306,7 @@ def _has_weights(folder: Path) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()  # transformers adds ANSI bold
     return text.splitlines()[0] if text else type(err).__name__
 
 

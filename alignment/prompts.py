@@ -63,6 +63,8 @@ def truncate_middle(ids: list[int], max_tokens: int, keep_tail: int) -> list[int
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[PromptRow]:
     """Read a JSONL prompt set (either layout). An empty result is an error, not a silent no-op."""
+    if limit is not None and limit < 1:
+        raise UserError(f"{path}: the prompt limit must be >= 1, got {limit}")
     rows = [
         prompt_from_row(obj, f"{path}:{lineno}", i)
         for i, (lineno, obj) in enumerate(read_jsonl(path))

@@ -13,11 +13,37 @@ float32 merges distinct rewards into ties and changes the buckets (golden case
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Literal
 
+log = logging.getLogger(__name__)
+
 QuantileScope = Literal["prompt", "global"]
+
+_warned_too_few: set[int] = set()
+"""The K values already warned about: a run re-buckets every iteration, and one line suffices."""
+
+
+def _warn_if_too_few(sizes: Sequence[int], num_quantiles: int, scope: str) -> None:
+    """Say (once per K) when some group has fewer rewards than buckets: ALT's rule then puts
+    every one of them in the worst bucket, which silently teaches the model nothing."""
+    small = [m for m in sizes if 0 < m < num_quantiles]
+    if not small or num_quantiles in _warned_too_few:
+        return
+    _warned_too_few.add(num_quantiles)
+    where = "prompt(s)" if scope == "prompt" else "global pool(s)"
+    log.warning(
+        "%d %s have fewer usable rewards (as few as %d) than the %d quantiles: all of their "
+        "generations go to the worst quantile %d; draw at least %d samples per prompt",
+        len(small),
+        where,
+        min(small),
+        num_quantiles,
+        num_quantiles - 1,
+        num_quantiles,
+    )
 
 
 def assign_quantiles(rewards: Sequence[float | None], num_quantiles: int) -> list[int | None]:
@@ -64,6 +90,10 @@ def assign_quantiles(rewards: Sequence[float | None], num_quantiles: int) -> lis
         # bucket_size == 0 (m < K) sends everything to the worst bucket, like the reference.
         out[j] = min(rank // bucket_size, worst) if bucket_size else worst
     return out
+
+
+def _usable(rewards: Sequence[float | None]) -> int:
+    return sum(1 for r in rewards if r is not None and math.isfinite(r))
 
 
 def assign_quantiles_global(
@@ -118,7 +148,10 @@ def assign_quantiles_scoped(
     if scope == "prompt":
         if num_quantiles < 1:  # checked here too, so that zero groups still fail loudly
             raise ValueError(f"num_quantiles must be >= 1, got {num_quantiles}")
+        _warn_if_too_few([_usable(g) for g in groups], num_quantiles, scope)
         return [assign_quantiles(group, num_quantiles) for group in groups]
     if scope == "global":
-        return assign_quantiles_global(groups, num_quantiles)
+        out = assign_quantiles_global(groups, num_quantiles)
+        _warn_if_too_few([sum(_usable(g) for g in groups)], num_quantiles, scope)
+        return out
     raise ValueError(f"scope must be 'prompt' or 'global', got {scope!r}")

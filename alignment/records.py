@@ -96,13 +96,25 @@ class SampleRecord:
                     f"'generations' has {len(gens)}"
                 )
             if name == "rewards":
-                value = [None if v is None else float(v) for v in value]
+                value = [_reward_value(v) for v in value]
             setattr(record, name, value)
         return record
 
 
 def _is_reward(v: Any) -> bool:
     return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def _reward_value(v: float | int | None) -> float | None:
+    """A stored reward as float; NaN/Infinity (Python's json reads them) become missing, as
+    `to_json` writes them, so a file holding them is never ranked on or summed into a crash."""
+    if v is None:
+        return None
+    try:
+        value = float(v)
+    except OverflowError:  # an integer too large for a float is no usable reward either
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _is_opt_int(v: Any) -> bool:

@@ -7,6 +7,8 @@
   folder) gives the config and tokenizer, WEIGHTS (`.safetensors`, or `.bin` loaded weights-only;
   the spec is split at its last colon) gives every weight.
 - `MODULE:FUNCTION` or `path/to/file.py:FUNCTION`: FunctionReward around a trl-style function.
+  This imports the module (or runs the file) and calls the function: arbitrary code by design,
+  so only use modules and files you trust.
 - `classifier:NAME`, or a bare hub id or folder: ClassifierReward, any sequence classifier.
 
 `options` are the backend's keyword arguments (`batch_size`, `device`, `label`, `template`,
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from alignment.errors import UserError
+from alignment.errors import UserError, suggest
 from rewards.base import FunctionReward, Reward, RewardBase
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,10 @@ _EMBEDDED_REWARDS = {"embedded", "embedded:minilm-l6"}
 
 def _embedded(target: str, **options: Any) -> Reward:
     if target not in _EMBEDDED_REWARDS:
-        raise UserError(f"{target!r} is not a reward; embedded rewards: embedded:minilm-l6")
+        raise UserError(
+            f"{target!r} is not a reward{suggest(target, sorted(_EMBEDDED_REWARDS))}; "
+            "embedded rewards: embedded:minilm-l6"
+        )
     from rewards.embedded import EmbeddedSummaryReward
 
     return _construct(EmbeddedSummaryReward, target, "embedded:minilm-l6", **options)
@@ -81,14 +86,30 @@ REWARDS: dict[str, Callable[..., Reward]] = {
 
 
 def load_reward(spec: str, **options: Any) -> Reward:
-    """Build the reward a spec names (module docstring); unknown options are a UserError."""
+    """Build the reward a spec names (module docstring); unknown options are a UserError.
+
+    A `module:function` spec imports that module and runs the function: arbitrary code, on
+    purpose (it is how custom rewards plug in), so only name modules you trust.
+    """
     spec = spec.strip()
     prefix = spec.partition(":")[0]
     if prefix in REWARDS:
         return REWARDS[prefix](spec, **options)
     if _FUNCTION_SPEC.match(spec):
         return _function(spec, **options)
+    _refuse_near_miss(spec)
     return _classifier(spec, **options)
+
+
+def _refuse_near_miss(spec: str) -> None:
+    """A bare word close to a reward name ('embeded') is a typo, not a hub classifier id:
+    say so at once instead of letting the hub lookup retry for a minute."""
+    if "/" in spec or Path(spec).exists():
+        return
+    known = sorted(_EMBEDDED_REWARDS | {f"{name}:" for name in REWARDS if name != "embedded"})
+    hint = suggest(spec, known)
+    if hint:
+        raise UserError(f"unknown reward {spec!r}{hint}")
 
 
 def load_function(spec: str) -> Callable[..., Any]:
@@ -111,7 +132,10 @@ def load_function(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
-            raise UserError(f"reward {spec}: cannot import module {module_name!r} ({err})") from err
+            hint = suggest(module_name, [f"{name}" for name in REWARDS])
+            raise UserError(
+                f"reward {spec}: cannot import module {module_name!r} ({err}){hint}"
+            ) from err
     function = getattr(module, attr, None)
     if function is None or not callable(function):
         raise UserError(f"reward {spec}: {module_name} has no callable {attr!r}")

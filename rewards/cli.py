@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reward",
         required=True,
         help="embedded, MODULE:FUNCTION, "
-        "value-head:BACKBONE:WEIGHTS, or a classifier hub id / folder",
+        "value-head:BACKBONE:WEIGHTS, or a classifier hub id / folder; "
+        "MODULE:FUNCTION (or FILE.py:FUNCTION) imports and runs that Python code: "
+        "arbitrary code by design, so name only code you trust",
     )
     parser.add_argument("--input", required=True, help="samples JSONL (ALT format works)")
     parser.add_argument("--output", required=True, help="scored samples JSONL to write")
@@ -148,20 +150,27 @@ def reward_options(pairs: list[str]) -> dict[str, Any]:
 
 
 def line_keys(records: list[SampleRecord]) -> list[Hashable]:
-    """A key per line: its id, else (prompt, how many earlier lines had the same prompt)."""
-    seen: Counter[str] = Counter()
+    """A unique key per line: (id or prompt, how many earlier lines had the same one).
+
+    Ids are not unique in practice (`sample` copies them from the prompt file), so the occurrence
+    count is part of the key for ids too: every key then names exactly one line, and the n-th
+    line with an id in the output can only match the n-th line with that id in the input.
+    """
+    seen: Counter[tuple[str, str]] = Counter()
     keys: list[Hashable] = []
     for record in records:
-        if record.id is not None:
-            keys.append(("id", record.id))
-        else:
-            keys.append(("prompt", record.prompt, seen[record.prompt]))
-            seen[record.prompt] += 1
+        name = ("id", record.id) if record.id is not None else ("prompt", record.prompt)
+        keys.append((*name, seen[name]))
+        seen[name] += 1
     return keys
 
 
 def previous_output(path: str, records: list[SampleRecord]) -> dict[int, SampleRecord]:
-    """Lines of an earlier (partial) output that match input lines, by input position."""
+    """Lines of an earlier (partial) output that match input lines, by input position.
+
+    A line is kept only if its key names exactly one input line and its prompt and generations
+    equal that line's: anything else would put rewards next to text they were not computed for.
+    """
     if not Path(path).is_file():
         return {}
     position = {key: i for i, key in enumerate(line_keys(records))}
@@ -173,11 +182,13 @@ def previous_output(path: str, records: list[SampleRecord]) -> dict[int, SampleR
                 f"{path}:{lineno}: this line is not in the input shard; "
                 "delete the output or drop --resume"
             )
-        if record.generations != records[position[key]].generations:
-            raise UserError(
-                f"{path}:{lineno}: generations differ from the input line; "
-                "delete the output or drop --resume"
-            )
+        source = records[position[key]]
+        for field, differ in (("prompt", "prompt differs"), ("generations", "generations differ")):
+            if getattr(record, field) != getattr(source, field):
+                raise UserError(
+                    f"{path}:{lineno}: {differ} from the input line; "
+                    "delete the output or drop --resume"
+                )
         if record.rewards is not None:
             done[position[key]] = record
     return done
@@ -224,7 +235,7 @@ def write_output(path: str, rows: dict[int, SampleRecord], args: argparse.Namesp
 def summary(records: Iterable[SampleRecord], output: str, *, kept: int, non_finite: int) -> str:
     lines = list(records)
     rewards = [r for line in lines for r in (line.rewards or [])]
-    finite = [r for r in rewards if r is not None]
+    finite = [r for r in rewards if r is not None and math.isfinite(r)]
     mean = statistics.fmean(finite) if finite else float("nan")
     std = statistics.pstdev(finite) if finite else float("nan")
     return (

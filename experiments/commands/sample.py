@@ -40,9 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.limit is not None and args.limit < 1:
+        # A slice would turn -2 into "all but the last two" and 0 into an empty run.
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
     index, count = parse_shard(args.shard)
     cfg: SamplingConfig = sampling_config(args)
-    rows = load_prompts(args.prompts, limit=args.limit)[index::count]
+    prompts = load_prompts(args.prompts, limit=args.limit)
+    rows = prompts[index::count]
+    if not rows:
+        # Checked before the model loads; the sampler cannot batch zero prompts.
+        raise UserError(
+            f"{args.prompts}: shard {args.shard} of {len(prompts)} prompt(s) is empty; "
+            "use fewer shards"
+        )
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
     conditioning = (
         model_conditioning(args.model, tokenizer, args.placement)
