@@ -253,10 +253,6 @@ class Config:
                 raise ValueError("feedback.template must contain '{phrase}'")
         if not 0.0 <= self.pool.drop_factor <= 1.0:
             raise ValueError("pool.drop_factor must be in [0, 1]")
-        if not 0.0 <= self.train.unfrozen_layers_ratio <= 1.0:
-            raise ValueError("train.unfrozen_layers_ratio must be in [0, 1]")
-        if self.train.kl_coef < 0 or self.train.entropy_coef < 0:
-            raise ValueError("train.kl_coef and train.entropy_coef must be >= 0")
         unknown = set(self.report_to) - {"tensorboard", "wandb"}
         if unknown:
             raise ValueError(f"report_to: unknown tracker(s) {sorted(unknown)}")
