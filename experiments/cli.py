@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # accelerate narrates every file of a saved training state
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         return importlib.import_module(COMMANDS[args.command][0]).run(args)
     except UserError as err:
