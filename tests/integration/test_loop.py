@@ -320,3 +320,14 @@ def test_alt_rm_conditions_on_feedback_text_without_new_tokens(tmp_path, toy):
     assert conditioning.condition("P") == "Excellent. input: P"
     # all 5 quantiles x 2 samples of 40 prompts train, each under its own phrase
     assert len((out / "iter_001" / "train_log.jsonl").read_text().splitlines()) == 7
+
+
+def test_a_run_that_fails_at_start_up_does_not_claim_its_directory(
+    tmp_path, toy, capsys, monkeypatch
+):
+    """A typo in the prompts path must not leave a config.yaml that refuses the fixed command."""
+    monkeypatch.syspath_prepend(str(HERE))
+    rc = train_cli(tmp_path, toy, "data.train_prompts=/no/such/prompts.jsonl", "iterations=1")
+    assert rc == 2 and "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1") == 0
