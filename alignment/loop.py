@@ -318,7 +318,7 @@ def _save_checkpoint(
         algorithm.save_state(tmp / TRAINING_STATE)
     # Only the newest training state is ever resumed from; older ones are dead weight (for
     # GPT-J, the optimizer state is twice the trainable weights).
-    for older in (path.parent).glob(f"iter_*/{TRAINING_STATE}"):
+    for older in path.parent.glob(f"iter_*/{TRAINING_STATE}"):
         if older.parent != path:
             shutil.rmtree(older)
 
