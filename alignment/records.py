@@ -17,7 +17,8 @@ from alignment.errors import UserError
 from alignment.io import read_jsonl, write_jsonl
 
 FinishReason = Literal["stop", "length"]
-_KNOWN = (
+KNOWN_FIELDS = (
+    # the fields SampleRecord reads; any other key is kept in `extra` and written back
     "id",
     "prompt",
     "generations",
@@ -71,7 +72,9 @@ class SampleRecord:
         if not gens:
             raise UserError(f"{where}: field 'generations' is empty")
         record = cls(
-            prompt=prompt, generations=gens, extra={k: v for k, v in obj.items() if k not in _KNOWN}
+            prompt=prompt,
+            generations=gens,
+            extra={k: v for k, v in obj.items() if k not in KNOWN_FIELDS},
         )
         if obj.get("id") is not None:
             record.id = str(obj["id"])

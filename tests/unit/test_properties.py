@@ -18,7 +18,13 @@ from alignment.errors import UserError
 from alignment.io import read_jsonl
 from alignment.prompts import load_prompts
 from alignment.quantiles import assign_quantiles, assign_quantiles_scoped
-from alignment.records import SampleRecord, iter_samples, load_samples, save_samples
+from alignment.records import (
+    KNOWN_FIELDS,
+    SampleRecord,
+    iter_samples,
+    load_samples,
+    save_samples,
+)
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -36,22 +42,7 @@ json_values = st.recursive(
     max_leaves=12,
 )
 record_keys = st.sampled_from(
-    [
-        "id",
-        "prompt",
-        "generations",
-        "rewards",
-        "quantiles",
-        "feedback",
-        "finish_reasons",
-        "iteration",
-        "post",
-        "title",
-        "subreddit",
-        "label",
-        "summary",
-        "extra",
-    ]
+    [*KNOWN_FIELDS, "post", "title", "subreddit", "label", "summary", "extra"]
 )
 record_like = st.dictionaries(record_keys, json_values | st.lists(json_scalars, max_size=4))
 
