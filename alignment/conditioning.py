@@ -80,10 +80,6 @@ def control_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [idx for _, idx in found]
 
 
-def has_control_tokens(tokenizer: PreTrainedTokenizerBase) -> bool:
-    return quantile_token(0) in tokenizer.get_added_vocab()
-
-
 def add_control_tokens(
     tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel,

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from alignment.errors import UserError
-from alignment.io import atomic_write, parse_shard, write_jsonl
+from alignment.io import atomic_directory, atomic_write, parse_shard, write_jsonl
 from alignment.records import SampleRecord, load_samples, save_samples
 
 
@@ -79,3 +79,20 @@ def test_parse_shard():
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(UserError):
             parse_shard(bad)
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed mid-save")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    old = os.umask(0o027)
+    try:
+        with atomic_directory(target) as tmp:
+            assert tmp.name.startswith(".ckpt.") and tmp.name.endswith(".tmp")
+            (tmp / "weights").write_text("whole")
+    finally:
+        os.umask(old)
+    assert (target / "weights").read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+    assert target.stat().st_mode & 0o777 == 0o750
