@@ -179,15 +179,23 @@ class Conditioning:
     def load(cls, folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> Conditioning | None:
         """The conditioning a checkpoint was trained with; None for an unconditioned policy.
 
-        A folder without `conditioning.json` whose tokenizer has quantile tokens (a checkpoint of
+        Saved control tokens the tokenizer lacks are an error. A folder without
+        `conditioning.json` whose tokenizer has quantile tokens (a checkpoint of
         an older version, or one made by ALT's code) is read as tokens at the prefix, ALT's layout.
         """
         path = Path(folder) / CONDITIONING_FILE
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                return cls(data["kind"], tuple(data["controls"]), data["placement"])
+                saved = cls(data["kind"], tuple(data["controls"]), data["placement"])
             except (ValueError, KeyError, TypeError) as err:
                 raise UserError(f"{path}: not a valid conditioning file ({err})") from err
+            if not saved.is_ready(tokenizer):  # the controls would be split into sub-words
+                missing = [c for c in saved.controls if c not in tokenizer.get_added_vocab()]
+                raise UserError(
+                    f"{folder}: conditioning.json says it is conditioned on control tokens, but "
+                    f"its tokenizer lacks {', '.join(missing)}"
+                )
+            return saved
         ids = control_token_ids(tokenizer)
         return cls.quantile_tokens(len(ids)) if ids else None

@@ -223,15 +223,16 @@ def _prompt_sets(config: Config) -> tuple[list[PromptRow], list[PromptRow]]:
     return rows[:-held_out], rows[-held_out:]
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = sorted((out / "checkpoints").glob("iter_*"))
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest finished checkpoint of a run directory (what a resume and `eval` start from)."""
+    done = sorted(p for p in (out / "checkpoints").glob("iter_*") if p.is_dir())
     return done[-1] if done else None
 
 
 def _load_models(config: Config, out: Path, conditioning: Conditioning | None) -> Models:
     """The latest checkpoint of this run if any, else the initial policy, ready to condition."""
     mc = config.model
-    latest = _latest_checkpoint(out)
+    latest = latest_checkpoint(out)
     policy, tokenizer = load_model_and_tokenizer(
         str(latest) if latest else mc.policy,
         dtype=mc.dtype,
@@ -251,7 +252,7 @@ def _load_models(config: Config, out: Path, conditioning: Conditioning | None) -
 
 
 def _resume_training_state(algorithm: Algorithm, out: Path) -> None:
-    latest = _latest_checkpoint(out)
+    latest = latest_checkpoint(out)
     if latest is None:
         return
     state = latest / TRAINING_STATE

@@ -25,6 +25,7 @@ from alignment.config import EvalConfig, SamplingConfig, TrainConfig
 from alignment.errors import UserError
 from alignment.evaluation import likelihood_metrics, sample_and_score, sample_metrics
 from alignment.io import atomic_write
+from alignment.loop import latest_checkpoint
 from alignment.models import load_model_and_tokenizer, load_tokenizer
 from alignment.prompts import PromptRow, load_prompts
 from experiments.commands.common import add_sampling_arguments, sampling_config
@@ -83,23 +84,14 @@ def resolve_policy(name: str) -> str:
         return name
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
         return name  # a model folder that happens to hold a config.yaml
-    checkpoints = sorted(p for p in (folder / "checkpoints").glob("iter_*") if p.is_dir())
-    if not checkpoints:
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
         raise UserError(f"{name}: a run directory without checkpoints (no checkpoints/iter_*)")
-    return str(checkpoints[-1])
+    return str(checkpoint)
 
 
 def _policy_conditioning(name: str, path: str, tokenizer: Any, off: bool) -> Conditioning | None:
-    if off:
-        return None
-    conditioning = Conditioning.load(path, tokenizer)
-    if conditioning is not None and not conditioning.is_ready(tokenizer):
-        missing = [c for c in conditioning.controls if c not in tokenizer.get_added_vocab()]
-        raise UserError(
-            f"{name}: conditioning.json says it is conditioned on control tokens, but its "
-            f"tokenizer lacks {', '.join(missing)}"
-        )
-    return conditioning
+    return None if off else Conditioning.load(path, tokenizer)
 
 
 def _check_vocab(reference_tokenizer: Any, tokenizer: Any, policy: str, reference: str) -> None:

@@ -102,6 +102,8 @@ def test_conditioning_strategy_tokens_and_text(tiny_model, tiny_tokenizer, tmp_p
     assert tokens.is_ready(tok) and len(control_token_ids(tok)) == 3
     tokens.save(tmp_path)
     assert Conditioning.load(tmp_path, tok) == tokens
+    with pytest.raises(UserError, match="tokenizer lacks _QUANTILE_TOKEN_0_"):
+        Conditioning.load(tmp_path, tiny_tokenizer)  # saved tokens the tokenizer does not have
     # text controls (ALT) add nothing to the vocabulary
     text = Conditioning("text", ("Excellent. input: ", "Bad. input: "))
     size = len(tok)
