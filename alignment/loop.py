@@ -80,7 +80,7 @@ def _iterate(
         }
         accelerator.init_trackers("quark-alt", config=hparams)
     sampler = make_sampler(models.policy, models.tokenizer, config.sampling)
-    algorithm = ALGORITHMS[config.algorithm](config, models, accelerator)
+    algorithm = ALGORITHMS[config.algorithm](config, models, accelerator, score)
     _resume_training_state(algorithm, out)
     conditioning = algorithm.conditioning
 

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.conditioning import Conditioning
 from alignment.config import Config
+from alignment.interfaces import ScoreFn
 
 
 @dataclass
@@ -50,6 +51,10 @@ class Algorithm(Protocol):
 
 
 class AlgorithmFactory(Protocol):
-    def __call__(self, config: Config, models: Models, accelerator: Accelerator) -> Algorithm: ...
+    def __call__(
+        self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
+    ) -> Algorithm:
+        """`score` is the run's reward, for methods that score more than the loop's samples."""
+        ...
 
     def conditioning_for(self, config: Config) -> Conditioning | None: ...

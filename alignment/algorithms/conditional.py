@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from alignment.algorithms.base import Models
 from alignment.conditioning import Conditioning
 from alignment.config import Config
+from alignment.interfaces import ScoreFn
 from alignment.pool import DataPool, TrainItem
 from alignment.records import load_samples
 from alignment.trainer import ConditionalTrainer
@@ -26,7 +27,9 @@ from alignment.trainer import ConditionalTrainer
 class Quark:
     """Pool -> quantiles -> conditional trainer, as ALT's Quark baseline."""
 
-    def __init__(self, config: Config, models: Models, accelerator: Accelerator) -> None:
+    def __init__(
+        self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
+    ) -> None:
         self.config = config
         self.conditioning = self.conditioning_for(config)
         self.trainer = ConditionalTrainer(
