@@ -262,18 +262,10 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- YAML file ('-' or None: none) <- `a.b=value` overrides; errors name the key."""
+    """Defaults <- `base:` file <- YAML file ('-'/None: none) <- `a.b=value`; errors name keys."""
     tree: dict[str, Any] = {}
     if path is not None and str(path) != "-":
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: no such config file")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, ValueError) as err:  # ValueError: not UTF-8, or a bad date
-            raise UserError(f"{path}: invalid YAML ({_one_line(err)})") from err
-        if not isinstance(tree, dict):
-            raise UserError(f"{path}: the top level must be a mapping")
+        tree = _read_tree(Path(path), ())
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -294,6 +286,42 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     except ValueError as err:
         raise UserError(f"config {path or '<defaults>'}: {err}") from err
     return config
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """One YAML file as a tree, on top of the file its `base:` key names (relative to it).
+
+    A family of configs (experiments/configs/compare/) then states what they share once, and each
+    file only what makes it different; the resolved config a run writes has no `base:`.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: not UTF-8, or a bad date
+        raise UserError(f"{path}: invalid YAML ({_one_line(err)})") from err
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: the top level must be a mapping")
+    if "base" not in tree:
+        return tree
+    base = tree.pop("base")
+    if not isinstance(base, str):
+        raise UserError(f"{path}: 'base' must be the path of another config file")
+    base_path = (path.parent / base).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise UserError(f"{path}: 'base: {base}' makes a cycle")
+    return _merged(_read_tree(base_path, (*chain, path.resolve())), tree)
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (a key of `top` replaces; a section merges)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 MOVED = {

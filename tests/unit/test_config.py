@@ -98,3 +98,32 @@ def test_every_algorithm_has_its_sections_and_an_update():
     from alignment.config import ALGORITHM_SECTIONS
 
     assert set(ALGORITHMS) == set(ALGORITHM_SECTIONS)
+
+
+def test_base_config_merges_section_by_section(tmp_path):
+    (tmp_path / "common.yaml").write_text(
+        "iterations: 4\ndata: {prompts_per_iteration: 6, samples_per_prompt: 8}\n"
+    )
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "rft.yaml"
+    child.write_text("base: ../common.yaml\nalgorithm: rft\ndata: {samples_per_prompt: 4}\n")
+    config = load_config(child, ["iterations=5"])
+    assert config.algorithm == "rft" and config.iterations == 5
+    assert (config.data.prompts_per_iteration, config.data.samples_per_prompt) == (6, 4)
+    assert "base" not in dump_config(config)
+
+
+def test_base_config_errors_name_the_file(tmp_path):
+    loop_a, loop_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    loop_a.write_text("base: b.yaml\n")
+    loop_b.write_text("base: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        load_config(loop_a)
+    missing = tmp_path / "c.yaml"
+    missing.write_text("base: nowhere.yaml\n")
+    with pytest.raises(UserError, match="nowhere.yaml: no such config file"):
+        load_config(missing)
+    bad = tmp_path / "d.yaml"
+    bad.write_text("base: [a.yaml]\n")
+    with pytest.raises(UserError, match="d.yaml: 'base' must be"):
+        load_config(bad)
