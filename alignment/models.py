@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -39,7 +40,12 @@ from alignment.io import atomic_directory
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
-Head = Literal["causal-lm", "sequence-classification"]
+Head = Literal["causal-lm", "sequence-classification", "seq2seq-lm"]
+_AUTO_CLASSES = {
+    "causal-lm": AutoModelForCausalLM,
+    "sequence-classification": AutoModelForSequenceClassification,
+    "seq2seq-lm": AutoModelForSeq2SeqLM,
+}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -186,7 +192,7 @@ def load_model(
     path = resolve_model_path(name)
     if Path(path).is_dir() and not _has_weights(Path(path)):
         raise UserError(f"{path}: no model weights (*.safetensors or *.bin) in this folder")
-    auto = AutoModelForCausalLM if head == "causal-lm" else AutoModelForSequenceClassification
+    auto = _AUTO_CLASSES[head]
     kwargs: dict[str, object] = {
         "dtype": torch_dtype(dtype),
         "trust_remote_code": trust_remote_code,

@@ -1,4 +1,4 @@
-"""Rewards: one protocol, three model backends, and any Python function.
+"""Rewards: one protocol, four model backends, and any Python function.
 
 `load_reward(spec, **options)` turns the name a user types into a Reward:
 
@@ -10,6 +10,9 @@
   This imports the module (or runs the file) and calls the function: arbitrary code by design,
   so only use modules and files you trust.
 - `classifier:NAME`, or a bare hub id or folder: ClassifierReward, any sequence classifier.
+- `seq2seq:MODEL` (`template=`, and `labels=WORD=WEIGHT,...` or `target=TEXT`), `kaleido:MODEL`
+  (`value=`, `vrd=`, `task=valence|relevance`) and `flipped:MODEL` (`instruction=`):
+  Seq2SeqReward, an encoder-decoder read as a verbaliser (`rewards/seq2seq.py`).
 
 `options` are the backend's keyword arguments (`batch_size`, `device`, `label`, `template`,
 `tokenizer`, ...); for a function they are passed to every call. The CarperAI TL;DR RM is
@@ -40,7 +43,7 @@ _FUNCTION_SPEC = re.compile(r"^(?P<module>[A-Za-z_][\w.]*|.+\.py):(?P<attr>[A-Za
 _EMBEDDED_REWARDS = {"embedded", "embedded:minilm-l6"}
 
 
-def _embedded(target: str, **options: Any) -> Reward:
+def _embedded(target: str, /, **options: Any) -> Reward:
     if target not in _EMBEDDED_REWARDS:
         raise UserError(
             f"{target!r} is not a reward{suggest(target, sorted(_EMBEDDED_REWARDS))}; "
@@ -51,7 +54,7 @@ def _embedded(target: str, **options: Any) -> Reward:
     return _construct(EmbeddedSummaryReward, target, "embedded:minilm-l6", **options)
 
 
-def _value_head(target: str, **options: Any) -> Reward:
+def _value_head(target: str, /, **options: Any) -> Reward:
     backbone, _, weights = target.removeprefix("value-head:").rpartition(":")
     if not backbone or not weights:
         raise UserError(f"{target!r}: write value-head:BACKBONE:WEIGHTS_FILE")
@@ -60,13 +63,40 @@ def _value_head(target: str, **options: Any) -> Reward:
     return _construct(ValueHeadReward, target, backbone, weights, **options)
 
 
-def _classifier(target: str, **options: Any) -> Reward:
+def _classifier(target: str, /, **options: Any) -> Reward:
     from rewards.classifier import ClassifierReward
 
     return _construct(ClassifierReward, target, target.removeprefix("classifier:"), **options)
 
 
-def _function(target: str, **options: Any) -> Reward:
+def _seq2seq(target: str, /, **options: Any) -> Reward:
+    from rewards.seq2seq import Seq2SeqReward
+
+    return _construct(Seq2SeqReward, target, target.removeprefix("seq2seq:"), **options)
+
+
+def _kaleido(target: str, /, **options: Any) -> Reward:
+    from rewards.seq2seq import Seq2SeqReward, kaleido_options
+
+    model = target.removeprefix("kaleido:")
+    preset = {k: options.pop(k) for k in ("value", "vrd", "task", "labels") if k in options}
+    if "value" not in preset:
+        raise UserError(f"reward {target}: give the value to score against, e.g. value=Honesty")
+    return _construct(Seq2SeqReward, target, model, **kaleido_options(model, **preset), **options)
+
+
+def _flipped(target: str, /, **options: Any) -> Reward:
+    from rewards.seq2seq import FLIPPED_TEMPLATE, Seq2SeqReward
+
+    if "instruction" not in options:
+        raise UserError(f"reward {target}: give the instruction whose likelihood is the score")
+    options.setdefault("template", FLIPPED_TEMPLATE)
+    target_text = options.pop("instruction")
+    model = target.removeprefix("flipped:")
+    return _construct(Seq2SeqReward, target, model, target=target_text, **options)
+
+
+def _function(target: str, /, **options: Any) -> Reward:
     if options.pop("device", None) is not None:
         log.info("reward %s is a Python function: --device does not apply", target)
     found = load_function(target)
@@ -82,6 +112,9 @@ REWARDS: dict[str, Callable[..., Reward]] = {
     "embedded": _embedded,
     "value-head": _value_head,
     "classifier": _classifier,
+    "seq2seq": _seq2seq,
+    "kaleido": _kaleido,
+    "flipped": _flipped,
 }
 
 
