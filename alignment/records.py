@@ -144,3 +144,46 @@ def load_samples(path: str | Path) -> list[SampleRecord]:
 
 def save_samples(path: str | Path, records: list[SampleRecord]) -> int:
     return write_jsonl(path, (r.to_json() for r in records))
+
+
+def merge_shards(
+    shards: list[tuple[str, list[tuple[int, SampleRecord]]]],
+    expected: list[str] | None = None,
+    by_id: bool = True,
+) -> list[SampleRecord]:
+    """One record list from the shard files of a `--shard i/n` fan-out, each prompt exactly once.
+
+    `shards` holds (path, [(line number, record)]) in shard order i = 0..n-1. A prompt is known
+    by its record id, or (`by_id=False`, for ALT's id-less files) by its text. The result is in
+    `expected` order (the prompt set's ids or texts) when given, and otherwise interleaved back
+    into the order the prompts had before `--shard` dealt them out (shard i took i, i + n, ...).
+    A prompt in two shards, a prompt missing from `expected`, or one not in it is an error naming
+    the files and lines involved: a cluster job that died or ran twice must not pass unnoticed.
+    """
+    seen: dict[str, str] = {}
+    by_key: dict[str, SampleRecord] = {}
+    for path, lines in shards:
+        for lineno, record in lines:
+            key = record.id if by_id and record.id is not None else record.prompt
+            where = f"{path}:{lineno}"
+            if key in seen:
+                raise UserError(f"{where}: prompt {key!r} is also in {seen[key]}")
+            seen[key] = where
+            by_key[key] = record
+    if expected is None:
+        columns = [[record for _, record in lines] for _, lines in shards]
+        return [
+            col[row]
+            for row in range(max(map(len, columns), default=0))
+            for col in columns
+            if row < len(col)
+        ]
+    missing = [key for key in expected if key not in by_key]
+    if missing:
+        listed = ", ".join(repr(k) for k in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise UserError(f"{len(missing)} prompt(s) of the prompt set are in no shard: {listed}")
+    wanted = set(expected)
+    stray = [where for key, where in seen.items() if key not in wanted]
+    if stray:
+        raise UserError(f"{stray[0]}: this prompt is not in the prompt set ({len(stray)} such)")
+    return [by_key[key] for key in expected]

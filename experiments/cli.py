@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("experiments.commands.train", "run the sample -> score -> quantile -> train loop"),
     "sample": ("experiments.commands.sample", "draw K generations per prompt into a samples file"),
     "score": ("rewards.cli", "add rewards and per-prompt quantiles to a samples file"),
+    "merge": ("experiments.commands.merge", "join the files of a --shard i/n fan-out into one"),
     "generate": ("experiments.commands.generate", "generate conditioned on _QUANTILE_TOKEN_0_"),
     "eval": ("experiments.commands.eval", "compare policies on held-out prompts (paired)"),
     "train-rm": ("rewards.train_rm", "train a reward model from preference pairs"),
