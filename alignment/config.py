@@ -58,6 +58,8 @@ class ModelConfig:
     device: str | None = None
     """None = cuda when available, else cpu."""
     trust_remote_code: bool = False
+    reference_quantization: Literal["8bit", "4bit"] | None = None
+    """Load the frozen reference in 8 or 4 bits through bitsandbytes (CUDA only)."""
 
 
 @dataclass
@@ -79,6 +81,9 @@ class RewardConfig:
     name: str = "embedded:minilm-l6"
     """Reward spec understood by rewards.load_reward (name, path or module:function)."""
     batch_size: int = 32
+    quantization: Literal["8bit", "4bit"] | None = None
+    """Load the reward model in 8 or 4 bits through bitsandbytes (CUDA only; classifier and
+    seq2seq rewards)."""
     options: dict[str, str] = field(default_factory=dict)
     """Backend keyword arguments, e.g. {tokenizer: EleutherAI/gpt-j-6b} for the CarperAI RM."""
 

@@ -33,7 +33,7 @@ from alignment.evaluation import evaluate
 from alignment.interfaces import Sampler, ScoreFn
 from alignment.io import atomic_directory, atomic_write, write_jsonl
 from alignment.metrics import summarize_rewards_by_quantile
-from alignment.models import load_model_and_tokenizer
+from alignment.models import load_model_and_tokenizer, quantization_config
 from alignment.plots import plot_iterations, plot_reward_by_quantile
 from alignment.pool import DataPool
 from alignment.prompts import PromptRow, demo_prompts_path, load_prompts
@@ -232,6 +232,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 def _load_models(config: Config, out: Path, conditioning: Conditioning | None) -> Models:
     """The latest checkpoint of this run if any, else the initial policy, ready to condition."""
     mc = config.model
+    # before any weights load: a setting this machine cannot honour fails at once
+    reference_quantization = quantization_config(
+        mc.reference_quantization, "model.reference_quantization"
+    )
     latest = latest_checkpoint(out)
     policy, tokenizer = load_model_and_tokenizer(
         str(latest) if latest else mc.policy,
@@ -246,6 +250,7 @@ def _load_models(config: Config, out: Path, conditioning: Conditioning | None) -
         dtype=mc.dtype,
         device=mc.device,
         trust_remote_code=mc.trust_remote_code,
+        quantization=reference_quantization,
     )
     reference.requires_grad_(False)
     return Models(policy, tokenizer, reference)

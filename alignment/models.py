@@ -30,6 +30,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -46,6 +47,7 @@ _AUTO_CLASSES = {
     "sequence-classification": AutoModelForSequenceClassification,
     "seq2seq-lm": AutoModelForSeq2SeqLM,
 }
+Quantization = Literal["8bit", "4bit"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -178,6 +180,29 @@ def load_tokenizer(
     return tokenizer
 
 
+def quantization_config(quantization: str | None, option: str) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for a frozen model loaded in 8 or 4 bits (None: full precision).
+
+    Only frozen models (reference, reward) are quantized: their weights never train, so the
+    rounding costs a little accuracy in KL and reward and saves most of their memory (GPT-J 6B:
+    24 GB in fp32, ~6.5 GB in 8 bits). `option` names the setting in errors.
+    """
+    if quantization is None:
+        return None
+    if quantization not in ("8bit", "4bit"):
+        raise UserError(f"{option} must be 8bit or 4bit (or null), got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"{option}={quantization} needs a CUDA GPU (bitsandbytes); this machine has none: "
+            f"set {option}=null to load the model in full precision"
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+
+
 def load_model(
     name: str,
     *,
@@ -186,8 +211,12 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     num_labels: int | None = None,
+    quantization: BitsAndBytesConfig | None = None,
 ) -> PreTrainedModel:
-    """Load weights by hub id, local path or `embedded:` name; eval mode, on `device`."""
+    """Load weights by hub id, local path or `embedded:` name; eval mode, on `device`.
+
+    A `quantization` config (see `quantization_config`) places the model on the GPU itself.
+    """
     torch_dtype(dtype)
     path = resolve_model_path(name)
     if Path(path).is_dir() and not _has_weights(Path(path)):
@@ -199,6 +228,9 @@ def load_model(
     }
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": device or default_device()}
     try:
         with _own_load_report():
             model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
@@ -211,7 +243,8 @@ def load_model(
             raise
         raise UserError(f"cannot load model {name!r}: weights of the wrong shape") from err
     check_loading_info(model, info, name, new_head=num_labels is not None)
-    model.to(device or default_device())
+    if quantization is None:  # a quantized model is already on its device and cannot move
+        model.to(device or default_device())
     model.eval()
     return model
 
@@ -324,10 +357,16 @@ def load_model_and_tokenizer(
     device: str | None = None,
     trust_remote_code: bool = False,
     padding_side: str = "left",
+    quantization: BitsAndBytesConfig | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The one entry point commands use: weights first, so a folder without them fails clearly."""
     model = load_model(
-        name, head=head, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        name,
+        head=head,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        quantization=quantization,
     )
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, padding_side=padding_side)
     return model, tokenizer

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from alignment.errors import UserError
-from alignment.models import default_device, load_model_and_tokenizer
+from alignment.models import default_device, load_model_and_tokenizer, quantization_config
 from rewards.base import (
     RewardBase,
     Scores,
@@ -45,6 +45,7 @@ class ClassifierReward(RewardBase):
             head and `TL;DR:` line (as `quark-alt train-rm` trains), a custom template loses the
             start of the text, pair mode the start of the prompt.
         batch_size: sequences per forward pass (batched by length).
+        quantization: `8bit` or `4bit` to load the frozen classifier through bitsandbytes (CUDA).
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class ClassifierReward(RewardBase):
         device: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        quantization: str | None = None,
     ) -> None:
         if activation not in ("none", "softmax", "sigmoid"):
             raise UserError(f"activation must be none, softmax or sigmoid, got {activation!r}")
@@ -78,6 +80,7 @@ class ClassifierReward(RewardBase):
             device=self.device,
             trust_remote_code=trust_remote_code,
             padding_side="right",
+            quantization=quantization_config(quantization, "reward quantization"),
         )
         # Classifiers that pool the last non-pad token (GPT-2 family) need the pad id in config.
         if self.model.config.pad_token_id is None:

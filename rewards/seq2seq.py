@@ -20,7 +20,12 @@ import torch
 from torch import Tensor
 
 from alignment.errors import UserError
-from alignment.models import default_device, load_config, load_model_and_tokenizer
+from alignment.models import (
+    default_device,
+    load_config,
+    load_model_and_tokenizer,
+    quantization_config,
+)
 from rewards.base import RewardBase, Scores, check_pairs, pad_batch, score_by_length
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,7 @@ class Seq2SeqReward(RewardBase):
         target: likelihood mode: the text whose mean per-token log-likelihood is the score.
         max_length: encoder tokens; longer inputs lose their start (the completion sits last in
             every template here, so what is judged is kept).
+        quantization: `8bit` or `4bit` to load the model through bitsandbytes (CUDA only).
     """
 
     def __init__(
@@ -99,6 +105,7 @@ class Seq2SeqReward(RewardBase):
         device: str | None = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
+        quantization: str | None = None,
     ) -> None:
         if (labels is None) == (target is None):
             raise UserError(f"reward {model}: give exactly one of labels (Kaleido) or target")
@@ -116,6 +123,7 @@ class Seq2SeqReward(RewardBase):
             device=self.device,
             trust_remote_code=trust_remote_code,
             padding_side="right",
+            quantization=quantization_config(quantization, "reward quantization"),
         )
         self.tokenizer.truncation_side = "left"
         self.label_ids: list[int] = []

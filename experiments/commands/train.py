@@ -27,11 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    options: dict[str, object] = dict(config.reward.options)
+    if config.reward.quantization is not None:
+        options["quantization"] = config.reward.quantization
     reward = load_reward(
         config.reward.name,
         batch_size=config.reward.batch_size,
         device=config.model.device,
-        **config.reward.options,
+        **options,
     )
     metrics = run_loop(config, reward.score, HFSampler)
     print(format_table(metrics))
