@@ -65,9 +65,7 @@ def parse_alt_reply(reply: str, max_score: int = 3) -> Feedback | None:
     if len(labels) == 3 and labels[0] != "Analysis":
         return None
     feedback_label, score_label = found[-2], found[-1]
-    text = " ".join(reply[feedback_label.end() : score_label.start()].split())
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
-        text = text[1:-1].strip()
+    text = _unquote(" ".join(reply[feedback_label.end() : score_label.start()].split()))
     if not text or (text.startswith("<") and text.endswith(">")):
         return None
     score_line = reply[score_label.end() :].split("\n", 1)[0].strip()
@@ -76,6 +74,12 @@ def parse_alt_reply(reply: str, max_score: int = 3) -> Feedback | None:
         return None
     score = int(match["value"])
     return Feedback(text, score) if score <= max_score else None
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        return text[1:-1].strip()
+    return text
 
 
 def parse_attributes(text: str, ranges: Mapping[str, tuple[int, int]]) -> dict[str, int] | None:
@@ -140,9 +144,7 @@ class CategoryParser:
 
     def __call__(self, reply: str) -> Feedback | None:
         lines = [line.strip() for line in reply.strip().splitlines()]
-        first = lines[0] if lines else ""
-        if len(first) >= 2 and first[0] in _QUOTES and first[-1] in _QUOTES:
-            first = first[1:-1].strip()
+        first = _unquote(lines[0]) if lines else ""
         return self.by_key.get(first.removesuffix(".").strip().casefold())
 
 

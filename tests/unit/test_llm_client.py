@@ -20,7 +20,8 @@ SECRET = "sk-test-0123456789"
 
 
 def completion(content: str) -> bytes:
-    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    message = {"role": "assistant", "content": content}
+    return json.dumps({"choices": [{"message": message}]}).encode()
 
 
 class CannedServer(ThreadingHTTPServer):
@@ -177,7 +178,9 @@ def test_concurrency_is_bounded_by_max_workers(server, make_client):
     assert server.max_in_flight == 2
 
 
-ALT_REPLY = "Analysis: Clear and accurate.\nFeedback: Accurate, coherent, misses the deadline.\nScore: 2"
+ALT_REPLY = (
+    "Analysis: Clear and accurate.\nFeedback: Accurate, coherent, misses the deadline.\nScore: 2"
+)
 
 
 def test_chat_feedback_parses_good_replies_and_counts_the_rest(server, make_client):
@@ -189,8 +192,9 @@ def test_chat_feedback_parses_good_replies_and_counts_the_rest(server, make_clie
     assert (provider.stats.requested, provider.stats.unparsable, provider.stats.failed) == (2, 1, 0)
     system, user = server.requests[0][1]["messages"]
     assert system["role"] == "system" and "TL;DR" not in user["content"]
-    assert "POST: SUBREDDIT: r/jobs\nPOST: I missed a deadline.\n\nSUMMARY: Kept the deadline" in (
-        user["content"]
+    assert (
+        "POST: SUBREDDIT: r/jobs\nPOST: I missed a deadline.\n\nSUMMARY: Kept the deadline"
+        in (user["content"])
     )
 
 
