@@ -23,7 +23,7 @@ import torch
 from alignment.errors import UserError
 from alignment.models import default_device, load_config, load_model_and_tokenizer
 from rewards.base import check_pairs, length_batches
-from rewards.llm_client import ChatClient, Message
+from rewards.llm_client import ChatClient, Message, chat_messages, require_fields
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +183,7 @@ class FeedbackPrompt:
     remove: str | None = None
 
     def __post_init__(self) -> None:
-        if "{prompt}" not in self.user or "{completion}" not in self.user:
-            raise UserError(
-                f"feedback prompt must contain {{prompt}} and {{completion}}: {self.user!r}"
-            )
+        require_fields(self.user, ("prompt", "completion"), "feedback prompt")
 
     def fill(self, prompt: str, completion: str) -> str:
         if self.remove:
@@ -194,8 +191,7 @@ class FeedbackPrompt:
         return self.user.format(prompt=prompt.strip(), completion=completion.strip())
 
     def messages(self, prompt: str, completion: str) -> list[Message]:
-        user: Message = {"role": "user", "content": self.fill(prompt, completion)}
-        return [{"role": "system", "content": self.system}, user] if self.system else [user]
+        return chat_messages(self.fill(prompt, completion), self.system)
 
 
 # ALT-LMU's request (section 5.2 of the reference notes), in our words: the definition of a good

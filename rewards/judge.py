@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from alignment.errors import UserError
 from rewards.base import check_pairs
-from rewards.llm_client import ChatClient, Message
+from rewards.llm_client import ChatClient, Message, chat_messages, require_fields
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +34,11 @@ class JudgePrompt:
     system: str | None = None
 
     def __post_init__(self) -> None:
-        missing = [k for k in ("{prompt}", "{first}", "{second}") if k not in self.user]
-        if missing:
-            raise UserError(f"judge prompt lacks {', '.join(missing)}: {self.user!r}")
+        require_fields(self.user, ("prompt", "first", "second"), "judge prompt")
 
     def messages(self, prompt: str, first: str, second: str) -> list[Message]:
         text = self.user.format(prompt=prompt.strip(), first=first.strip(), second=second.strip())
-        user: Message = {"role": "user", "content": text}
-        return [{"role": "system", "content": self.system}, user] if self.system else [user]
+        return chat_messages(text, self.system)
 
 
 SUMMARY_JUDGE_PROMPT = JudgePrompt(

@@ -176,6 +176,20 @@ class ChatClient:
             setattr(self.stats, field, getattr(self.stats, field) + 1)
 
 
+def chat_messages(user: str, system: str | None = None) -> list[Message]:
+    """A conversation of one user turn, after a system turn when there is one."""
+    turn: Message = {"role": "user", "content": user}
+    return [{"role": "system", "content": system}, turn] if system else [turn]
+
+
+def require_fields(template: str, fields: Sequence[str], what: str) -> None:
+    """A template must use every field it will be filled with: a missing `{completion}` would
+    have the LLM judge nothing, politely."""
+    missing = [f"{{{field}}}" for field in fields if f"{{{field}}}" not in template]
+    if missing:
+        raise UserError(f"{what} lacks {', '.join(missing)}: {template!r}")
+
+
 def request_key(body: Mapping[str, Any]) -> str:
     """sha256 of the request as canonical JSON: equal requests, and only they, share a key."""
     canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))

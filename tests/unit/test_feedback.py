@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import PreTrainedTokenizerFast
 
 from alignment.errors import UserError
 from rewards.feedback import (
@@ -22,7 +20,7 @@ from rewards.feedback import (
     parse_alt_reply,
     parse_attributes,
 )
-from tests.conftest import build_tiny_model, build_tiny_tokenizer
+from tests.conftest import build_tiny_model, build_tiny_t5, build_tiny_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # ALT-LMU replies
@@ -190,31 +188,7 @@ def gpt2_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     words = "Post: Summary: Feedback: Score: <_LB_> <_T_> I a the lied told truth ok".split()
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(vocab),
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    folder = tmp_path_factory.mktemp("tiny-t5")
-    T5ForConditionalGeneration(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"), words)
 
 
 PROMPTS = ["I lied", "I told the truth a lot more than once", "ok"]
