@@ -60,10 +60,8 @@ def parse_alt_reply(reply: str, max_score: int = 3) -> Feedback | None:
     """
     found = list(_LABEL.finditer(reply))
     labels = [m[1] for m in found]
-    if sorted(set(labels)) != sorted(labels) or labels[-2:] != ["Feedback", "Score"]:
-        return None  # a label twice, one missing, or out of order
-    if len(labels) == 3 and labels[0] != "Analysis":
-        return None
+    if len(set(labels)) != len(labels) or labels[-2:] != ["Feedback", "Score"]:
+        return None  # a label twice, one missing, or out of order (Analysis can only be first)
     feedback_label, score_label = found[-2], found[-1]
     text = _unquote(" ".join(reply[feedback_label.end() : score_label.start()].split()))
     if not text or (text.startswith("<") and text.endswith(">")):
@@ -362,9 +360,11 @@ class HFFeedback(FeedbackProvider):
 
     def input_text(self, prompt: str, completion: str) -> str:
         if self.chat:
-            return self.tokenizer.apply_chat_template(
-                self.prompt.messages(prompt, completion), tokenize=False, add_generation_prompt=True
+            messages = self.prompt.messages(prompt, completion)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
             )
+            return str(text)
         user = self.prompt.fill(prompt, completion)
         text = f"{self.prompt.system}\n\n{user}" if self.prompt.system else user
         return encode_line_breaks(text) if self.line_breaks else text
@@ -388,7 +388,7 @@ class HFFeedback(FeedbackProvider):
                 return_tensors="pt",
             ).to(self.device)
             with torch.inference_mode():
-                generated = self.model.generate(
+                generated = self.model.generate(  # type: ignore[operator]
                     **encoded,
                     do_sample=False,
                     num_beams=1,

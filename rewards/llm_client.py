@@ -85,16 +85,22 @@ class ChatClient:
         self._lock = threading.Lock()
 
     def chat(self, conversations: Sequence[Sequence[Message]]) -> list[str | None]:
-        """The assistant's reply to each conversation, in order."""
+        """The assistant's reply to each conversation, in order.
+
+        Identical requests are sent once (K samples of a prompt often repeat a summary).
+        """
+        bodies = [{"model": self.model, "messages": list(m), **self.params} for m in conversations]
+        keys = [request_key(body) for body in bodies]
+        unique = dict(zip(keys, bodies, strict=True))
         pool = ThreadPoolExecutor(max_workers=self.max_workers)
         try:
-            return list(pool.map(self.complete, conversations))
+            answers = list(pool.map(self._complete, unique.keys(), unique.values()))
+            replies = dict(zip(unique, answers, strict=True))
         finally:  # after a UserError, do not send what is still queued
             pool.shutdown(wait=True, cancel_futures=True)
+        return [replies[key] for key in keys]
 
-    def complete(self, messages: Sequence[Message]) -> str | None:
-        body = {"model": self.model, "messages": list(messages), **self.params}
-        key = request_key(body)
+    def _complete(self, key: str, body: dict[str, Any]) -> str | None:
         cached = self._read_cache(key, body)
         if cached is not None:
             self._count("cached")

@@ -118,6 +118,12 @@ def test_the_cache_prevents_a_second_request_even_from_a_new_client(server, make
     assert SECRET not in cached and len(list(tmp_path.rglob("*.json"))) == 3
 
 
+def test_identical_requests_in_one_call_are_sent_once(server, make_client):
+    client = make_client()
+    assert client.chat([conversation("a"), conversation("b"), conversation("a")]) == ["ok"] * 3
+    assert len(server.requests) == 2
+
+
 def test_request_key_ignores_field_order_only():
     a = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
     b = {"temperature": 0, "messages": [{"content": "x", "role": "user"}], "model": "m"}
