@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -15,6 +15,8 @@ from transformers import (
     GPTJForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,36 @@ def tiny_model_dir(tmp_path, tiny_tokenizer) -> Path:
     folder = tmp_path / "tiny-gptj"
     model.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_t5(folder: Path, words: list[str], **config: object) -> Path:
+    """A 1-layer random T5 saved in `folder` with a word-level tokenizer over `words` (split on
+    whitespace, `</s>` appended); ids 0, 1, 2 are pad, eos, unk. `config` adds T5Config fields."""
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    t5 = T5Config(
+        vocab_size=len(vocab),
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        **config,
+    )
+    T5ForConditionalGeneration(t5).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

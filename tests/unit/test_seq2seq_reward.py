@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
 
 from alignment.errors import UserError
 from rewards import load_reward
 from rewards.seq2seq import label_score, mean_target_loglik, parse_labels
+from tests.conftest import build_tiny_t5
 
 WORDS = (
     "[Valence]: [Relevance]: Action: Value: Right: Duty: Supports Opposes Either Yes No "
@@ -20,32 +20,9 @@ WORDS = (
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(vocab),
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        task_specific_params={"valence": "[Valence]: Action: ACTION VRD: TEXT"},
-    )
     folder = tmp_path_factory.mktemp("tiny-t5")
-    T5ForConditionalGeneration(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    params = {"valence": "[Valence]: Action: ACTION VRD: TEXT"}
+    return build_tiny_t5(folder, WORDS, task_specific_params=params)
 
 
 def test_label_score_is_the_weighted_probability_of_the_label_words():
