@@ -98,3 +98,41 @@ def test_every_algorithm_has_its_sections_and_an_update():
     from alignment.config import ALGORITHM_SECTIONS
 
     assert set(ALGORITHMS) == set(ALGORITHM_SECTIONS)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ppo.cliprange=0"], "ppo.cliprange must be > 0, got 0"),
+        (["ppo.lam=1.5"], r"ppo.lam must be in \[0, 1\], got 1.5"),
+        (["ppo.ppo_epochs=0"], "ppo.ppo_epochs must be >= 1, got 0"),
+        (["ppo.target_kl=-1"], r"ppo.target_kl must be > 0 \(or null\), got -1"),
+        (["ppo.learning_rate=.nan"], "'ppo.learning_rate' must be a finite number"),
+        (["ppo.unfrozen_layers_ratio=0"], r"ppo.unfrozen_layers_ratio must be in \(0, 1\]"),
+        (["ppo.cliprang=0.1"], "unknown key 'ppo.cliprang'"),
+        (["ppo.vf_coef=0.5"], "section 'ppo' is not read by algorithm 'quark'"),
+    ],
+)
+def test_bad_ppo_values_are_named(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, ["algorithm=ppo", *overrides] if "quark" not in message else overrides)
+
+
+def test_ppo_defaults_are_trlx_tldr_and_null_fixes_the_kl_coefficient():
+    config = load_config(None, ["algorithm=ppo", "ppo.target_kl=null"])
+    ppo = config.ppo
+    assert (ppo.ppo_epochs, ppo.init_kl_coef, ppo.kl_horizon, ppo.gamma, ppo.lam) == (
+        4,
+        0.1,
+        10000,
+        1.0,
+        0.95,
+    )
+    assert (ppo.cliprange, ppo.cliprange_value, ppo.vf_coef, ppo.cliprange_reward) == (
+        0.2,
+        0.2,
+        0.2,
+        10.0,
+    )
+    assert ppo.learning_rate == 5e-6 and ppo.adam_betas == (0.9, 0.999) and ppo.target_kl is None
+    assert "train" not in yaml.safe_load(dump_config(config))
