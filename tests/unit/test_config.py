@@ -136,3 +136,11 @@ def test_ppo_defaults_are_trlx_tldr_and_null_fixes_the_kl_coefficient():
     )
     assert ppo.learning_rate == 5e-6 and ppo.adam_betas == (0.9, 0.999) and ppo.target_kl is None
     assert "train" not in yaml.safe_load(dump_config(config))
+
+
+def test_published_gptj_ppo_setup():
+    config = load_config(next(p for p in CONFIGS if p.name == "tldr_gptj_ppo.yaml"))
+    assert config.algorithm == "ppo" and config.reward.subtract_reference
+    assert config.sampling.temperature == 1.0 and config.sampling.top_p == 1.0
+    assert config.sampling.max_new_tokens == 50 and config.data.prompts_per_iteration == 128
+    assert config.ppo.target_kl == 6.0 and config.ppo.unfrozen_layers_ratio == 0.3
