@@ -17,11 +17,7 @@ from alignment.errors import UserError
 from alignment.io import read_jsonl, write_jsonl
 
 FinishReason = Literal["stop", "length"]
-KNOWN_FIELDS = (
-    # the fields SampleRecord reads; any other key is kept in `extra` and written back
-    "id",
-    "prompt",
-    "generations",
+_OPTIONAL_FIELDS = (
     "rewards",
     "quantiles",
     "feedback",
@@ -30,6 +26,8 @@ KNOWN_FIELDS = (
     "raw_rewards",
     "reference_reward",
 )
+# the fields SampleRecord reads; any other key is kept in `extra` and written back
+KNOWN_FIELDS = ("id", "prompt", "generations", *_OPTIONAL_FIELDS)
 
 
 @dataclass
@@ -54,15 +52,7 @@ class SampleRecord:
         row: dict[str, Any] = {"prompt": self.prompt, "generations": self.generations}
         if self.id is not None:
             row = {"id": self.id, **row}
-        for name in (
-            "rewards",
-            "quantiles",
-            "feedback",
-            "finish_reasons",
-            "iteration",
-            "raw_rewards",
-            "reference_reward",
-        ):
+        for name in _OPTIONAL_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 # NaN is not JSON: a non-finite reward is stored as missing.

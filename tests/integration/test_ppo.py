@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy import TOY_OVERRIDES, count_e_words, write_toy_task
+from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
 
 from alignment.config import load_config
 from alignment.errors import UserError
@@ -38,17 +38,7 @@ def toy(tmp_path):
 
 
 def ppo_config(out, toy, *extra):
-    model_dir, prompts = toy
-    return load_config(
-        None,
-        [
-            *PPO_OVERRIDES,
-            f"out_dir={out}",
-            f"model.policy={model_dir}",
-            f"data.train_prompts={prompts}",
-            *extra,
-        ],
-    )
+    return load_config(None, [*PPO_OVERRIDES, *run_overrides(out, *toy), *extra])
 
 
 def test_ppo_raises_the_toy_reward(tmp_path, toy):
