@@ -86,6 +86,9 @@ class RewardConfig:
     seq2seq rewards)."""
     options: dict[str, str] = field(default_factory=dict)
     """Backend keyword arguments, e.g. {tokenizer: EleutherAI/gpt-j-6b} for the CarperAI RM."""
+    subtract_reference: bool = False
+    """Train on reward(sample) - reward(the prompt's reference summary), as trlx's TL;DR PPO;
+    scored.jsonl keeps the raw rewards too, and evaluation reports raw rewards."""
 
 
 @dataclass
@@ -190,6 +193,70 @@ class TrainConfig:
 
 
 @dataclass
+class PPOConfig:
+    """PPO with a value head (`algorithm: ppo`): trlx's GPT-J TL;DR values (docs/algorithm.md
+    section 14), except where a comment says otherwise."""
+
+    learning_rate: float = 5e-6
+    """Constant: trlx's cosine schedule has eta_min = lr, so it never decays."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    ppo_epochs: int = 4
+    """Passes over one iteration's episodes."""
+    batch_size: int = 4
+    """Episodes per optimizer step (trlx train.batch_size)."""
+    init_kl_coef: float = 0.1
+    target_kl: float | None = 6.0
+    """KL (nats per episode) the adaptive controller steers to; null: the coefficient is fixed."""
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.2
+    cliprange_reward: float | None = 10.0
+    """Scores are clipped to +-this before shaping; null: no clipping."""
+    whiten_advantages: bool = True
+    unfrozen_layers_ratio: float = 0.3
+    """Top fraction of blocks that train: int(0.3 * 28) = 8 of GPT-J's, trlx's 8."""
+    freeze_embeddings: bool = True
+    """trlx freezes the input embeddings (with tied embeddings, the output head too)."""
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse values that would only fail (or silently do nothing) mid-run."""
+        checks = {
+            "learning_rate": (self.learning_rate, "> 0", lambda v: v > 0),
+            "adam_eps": (self.adam_eps, "> 0", lambda v: v > 0),
+            "weight_decay": (self.weight_decay, ">= 0", lambda v: v >= 0),
+            "ppo_epochs": (self.ppo_epochs, ">= 1", lambda v: v >= 1),
+            "batch_size": (self.batch_size, ">= 1", lambda v: v >= 1),
+            "init_kl_coef": (self.init_kl_coef, ">= 0", lambda v: v >= 0),
+            "kl_horizon": (self.kl_horizon, ">= 1", lambda v: v >= 1),
+            "gamma": (self.gamma, "in [0, 1]", lambda v: 0 <= v <= 1),
+            "lam": (self.lam, "in [0, 1]", lambda v: 0 <= v <= 1),
+            "cliprange": (self.cliprange, "> 0", lambda v: v > 0),
+            "cliprange_value": (self.cliprange_value, "> 0", lambda v: v > 0),
+            "vf_coef": (self.vf_coef, ">= 0", lambda v: v >= 0),
+            "unfrozen_layers_ratio": (
+                self.unfrozen_layers_ratio,
+                "in (0, 1]",
+                lambda v: 0 < v <= 1,
+            ),
+        }
+        for i, beta in enumerate(self.adam_betas):
+            checks[f"adam_betas[{i}]"] = (beta, "in [0, 1)", lambda v: 0 <= v < 1)
+        for name in ("target_kl", "cliprange_reward", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None:
+                checks[name] = (value, "> 0 (or null)", lambda v: v > 0)
+        for name, (value, rule, ok) in checks.items():
+            if not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"ppo.{name} must be {rule}, got {value}")
+
+
+@dataclass
 class EvalConfig:
     samples_per_prompt: int = 4
     greedy: bool = True
@@ -201,6 +268,7 @@ ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {
     "quark": ("pool", "conditioning", "train"),
     "rft": ("pool", "train"),
     "alt-rm": ("pool", "conditioning", "feedback", "train"),
+    "ppo": ("ppo",),
 }
 """The config sections each algorithm reads besides the shared ones. A section written for one
 algorithm in a run of another is an error: it would be silently ignored."""
@@ -211,7 +279,7 @@ class Config:
     """A whole run. YAML files and `key=value` overrides hold only what differs from here."""
 
     algorithm: str = "quark"
-    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm."""
+    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm, ppo."""
     out_dir: str = "runs/demo"
     iterations: int = 3
     seed: int = 42
@@ -225,6 +293,7 @@ class Config:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -135,6 +135,9 @@ def _iterate(
                 record.rewards = score(
                     [record.prompt] * len(record.generations), record.generations
                 )
+            if config.reward.subtract_reference:
+                references = {r.id: r.reference or "" for r in train_rows}  # checked at start
+                _subtract_reference(records, references, score)
             save_samples(scored_path, records)
         # 3. update (the algorithm's own stages), then checkpoint
         checkpoint = out / "checkpoints" / f"iter_{iteration:03d}"
@@ -181,6 +184,19 @@ def _run_dir_lock(out: Path) -> Iterator[None]:
         yield
 
 
+def _subtract_reference(
+    records: list[SampleRecord], references: dict[str, str], score: ScoreFn
+) -> None:
+    """trlx's TL;DR shaping: reward(sample) - reward(the prompt's human summary), the summary
+    scored once per prompt; the raw rewards stay in the record (None where either is None)."""
+    ref_rewards = score([r.prompt for r in records], [references[str(r.id)] for r in records])
+    for record, ref in zip(records, ref_rewards, strict=True):
+        record.raw_rewards, record.reference_reward = record.rewards, ref
+        record.rewards = [
+            None if r is None or ref is None else r - ref for r in record.rewards or []
+        ]
+
+
 def _check_same_config(out: Path, config: Config) -> None:
     """Refuse a run directory made by another config; clean what a killed run left half-written."""
     saved = out / "config.yaml"
@@ -211,7 +227,15 @@ def _claim_run_dir(out: Path, config: Config) -> None:
 
 def _prompt_sets(config: Config) -> tuple[list[PromptRow], list[PromptRow]]:
     source = config.data.train_prompts
-    rows = load_prompts(demo_prompts_path() if source == "demo" else source)
+    path = demo_prompts_path() if source == "demo" else source
+    rows = load_prompts(path)
+    if config.reward.subtract_reference:
+        missing = next((r for r in rows if r.reference is None), None)
+        if missing is not None:
+            raise UserError(
+                f"{path}: row {missing.id} has no reference summary ('summary' or 'label'), "
+                "which reward.subtract_reference needs for every prompt"
+            )
     if config.data.eval_prompts is not None:
         return rows, load_prompts(config.data.eval_prompts, limit=config.data.num_eval_prompts)
     held_out = config.data.num_eval_prompts

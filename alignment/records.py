@@ -17,17 +17,17 @@ from alignment.errors import UserError
 from alignment.io import read_jsonl, write_jsonl
 
 FinishReason = Literal["stop", "length"]
-KNOWN_FIELDS = (
-    # the fields SampleRecord reads; any other key is kept in `extra` and written back
-    "id",
-    "prompt",
-    "generations",
+_OPTIONAL_FIELDS = (
     "rewards",
     "quantiles",
     "feedback",
     "finish_reasons",
     "iteration",
+    "raw_rewards",
+    "reference_reward",
 )
+# the fields SampleRecord reads; any other key is kept in `extra` and written back
+KNOWN_FIELDS = ("id", "prompt", "generations", *_OPTIONAL_FIELDS)
 
 
 @dataclass
@@ -42,18 +42,24 @@ class SampleRecord:
     feedback: list[str | None] | None = None
     finish_reasons: list[FinishReason] | None = None
     iteration: int | None = None
+    raw_rewards: list[float | None] | None = None
+    """With `reward.subtract_reference`: the rewards before the reference's was subtracted."""
+    reference_reward: float | None = None
+    """With `reward.subtract_reference`: the reward of the prompt's reference summary."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"prompt": self.prompt, "generations": self.generations}
         if self.id is not None:
             row = {"id": self.id, **row}
-        for name in ("rewards", "quantiles", "feedback", "finish_reasons", "iteration"):
+        for name in _OPTIONAL_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 # NaN is not JSON: a non-finite reward is stored as missing.
-                if name == "rewards":
-                    value = [r if r is not None and math.isfinite(r) else None for r in value]
+                if name in ("rewards", "raw_rewards"):
+                    value = [_finite_or_none(r) for r in value]
+                elif name == "reference_reward":
+                    value = _finite_or_none(value)
                 row[name] = value
         row.update(self.extra)
         return row
@@ -82,8 +88,13 @@ class SampleRecord:
             if not isinstance(obj["iteration"], int):
                 raise UserError(f"{where}: field 'iteration' must be an integer")
             record.iteration = obj["iteration"]
+        if obj.get("reference_reward") is not None:
+            if not _is_reward(obj["reference_reward"]):
+                raise UserError(f"{where}: field 'reference_reward' must be a number")
+            record.reference_reward = _reward_value(obj["reference_reward"])
         for name, check in (
             ("rewards", _is_reward),
+            ("raw_rewards", _is_reward),
             ("quantiles", _is_opt_int),
             ("feedback", _is_opt_str),
             ("finish_reasons", _is_finish),
@@ -98,10 +109,14 @@ class SampleRecord:
                     f"{where}: field '{name}' has {len(value)} entries but "
                     f"'generations' has {len(gens)}"
                 )
-            if name == "rewards":
+            if name in ("rewards", "raw_rewards"):
                 value = [_reward_value(v) for v in value]
             setattr(record, name, value)
         return record
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
 
 
 def _is_reward(v: Any) -> bool:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
 from alignment.algorithms.conditional import AltRM, Quark, RejectionSampling
+from alignment.algorithms.ppo import PPO
 
 ALGORITHMS: dict[str, AlgorithmFactory] = {
     "quark": Quark,
     "rft": RejectionSampling,
     "alt-rm": AltRM,
+    "ppo": PPO,
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmFactory", "Models"]

@@ -88,6 +88,11 @@ TOY_OVERRIDES = [
 ]
 
 
+def run_overrides(out: Path, model_dir: Path, prompts: Path) -> list[str]:
+    """The overrides that point a config at a run directory and the toy task."""
+    return [f"out_dir={out}", f"model.policy={model_dir}", f"data.train_prompts={prompts}"]
+
+
 def slow_count_e_words(prompts, completions, **kwargs):
     """The same reward, slowed down so a test can kill the process while it scores."""
     import time

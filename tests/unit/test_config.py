@@ -127,3 +127,49 @@ def test_base_config_errors_name_the_file(tmp_path):
     bad.write_text("base: [a.yaml]\n")
     with pytest.raises(UserError, match="d.yaml: 'base' must be"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ppo.cliprange=0"], "ppo.cliprange must be > 0, got 0"),
+        (["ppo.lam=1.5"], r"ppo.lam must be in \[0, 1\], got 1.5"),
+        (["ppo.ppo_epochs=0"], "ppo.ppo_epochs must be >= 1, got 0"),
+        (["ppo.target_kl=-1"], r"ppo.target_kl must be > 0 \(or null\), got -1"),
+        (["ppo.learning_rate=.nan"], "'ppo.learning_rate' must be a finite number"),
+        (["ppo.unfrozen_layers_ratio=0"], r"ppo.unfrozen_layers_ratio must be in \(0, 1\]"),
+        (["ppo.cliprang=0.1"], "unknown key 'ppo.cliprang'"),
+        (["ppo.vf_coef=0.5"], "section 'ppo' is not read by algorithm 'quark'"),
+    ],
+)
+def test_bad_ppo_values_are_named(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, ["algorithm=ppo", *overrides] if "quark" not in message else overrides)
+
+
+def test_ppo_defaults_are_trlx_tldr_and_null_fixes_the_kl_coefficient():
+    config = load_config(None, ["algorithm=ppo", "ppo.target_kl=null"])
+    ppo = config.ppo
+    assert (ppo.ppo_epochs, ppo.init_kl_coef, ppo.kl_horizon, ppo.gamma, ppo.lam) == (
+        4,
+        0.1,
+        10000,
+        1.0,
+        0.95,
+    )
+    assert (ppo.cliprange, ppo.cliprange_value, ppo.vf_coef, ppo.cliprange_reward) == (
+        0.2,
+        0.2,
+        0.2,
+        10.0,
+    )
+    assert ppo.learning_rate == 5e-6 and ppo.adam_betas == (0.9, 0.999) and ppo.target_kl is None
+    assert "train" not in yaml.safe_load(dump_config(config))
+
+
+def test_published_gptj_ppo_setup():
+    config = load_config(next(p for p in CONFIGS if p.name == "tldr_gptj_ppo.yaml"))
+    assert config.algorithm == "ppo" and config.reward.subtract_reference
+    assert config.sampling.temperature == 1.0 and config.sampling.top_p == 1.0
+    assert config.sampling.max_new_tokens == 50 and config.data.prompts_per_iteration == 128
+    assert config.ppo.target_kl == 6.0 and config.ppo.unfrozen_layers_ratio == 0.3

@@ -51,6 +51,21 @@ def test_alt_file_round_trip_keeps_unknown_fields(tmp_path):
     }
 
 
+def test_reference_shaped_rewards_round_trip(tmp_path):
+    """reward.subtract_reference keeps the raw rewards and the reference's next to the shaped."""
+    path = tmp_path / "scored.jsonl"
+    record = SampleRecord(
+        prompt="p",
+        generations=["a", "b"],
+        rewards=[0.5, None],
+        raw_rewards=[2.5, None],
+        reference_reward=2.0,
+    )
+    save_samples(path, [record])
+    assert json.loads(path.read_text())["raw_rewards"] == [2.5, None]
+    assert load_samples(path) == [record]
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [
@@ -63,6 +78,14 @@ def test_alt_file_round_trip_keeps_unknown_fields(tmp_path):
         (
             {"prompt": "p", "generations": ["a"], "finish_reasons": ["eos"]},
             "s.jsonl:2: field 'finish_reasons' has a value of the wrong type",
+        ),
+        (
+            {"prompt": "p", "generations": ["a"], "raw_rewards": [1, 2]},
+            "s.jsonl:2: field 'raw_rewards' has 2 entries but 'generations' has 1",
+        ),
+        (
+            {"prompt": "p", "generations": ["a"], "reference_reward": "high"},
+            "s.jsonl:2: field 'reference_reward' must be a number",
         ),
     ],
 )
