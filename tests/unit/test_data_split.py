@@ -7,8 +7,6 @@ import json
 import runpy
 from pathlib import Path
 
-import pytest
-
 from alignment.prompts import load_prompts
 
 DATA = Path(__file__).resolve().parents[2] / "experiments" / "data"
