@@ -7,12 +7,14 @@ naming the config sections it reads in `alignment.config.ALGORITHM_SECTIONS`.
 from __future__ import annotations
 
 from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
+from alignment.algorithms.best_of_n import BestOfN
 from alignment.algorithms.conditional import AltRM, Quark, RejectionSampling
 
 ALGORITHMS: dict[str, AlgorithmFactory] = {
     "quark": Quark,
     "rft": RejectionSampling,
     "alt-rm": AltRM,
+    "best-of-n": BestOfN,
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmFactory", "Models"]
