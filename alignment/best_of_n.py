@@ -72,11 +72,12 @@ def best_of_n_kl(
     q is the empirical law of the M samples and p what best-of-n makes of it
     (`best_of_n_probabilities`); identical `texts` are one outcome, their masses added before
     the log. Without ties this is sum_i p_i log(M p_i). How it relates to the analytic
-    `kl_bound(n)` = log n - (n-1)/n: the bound holds for any base distribution, and is reached
-    by a continuous one (no ties); this plug-in estimate stays below it, reaching it only as
-    M -> infinity with distinct samples, and ties or repeated texts lower it further (a policy
-    that always writes the same text has KL 0). With M = max(n), read it at the largest n as a
-    lower estimate, and the bound as the ceiling. n = 1 gives 0.
+    `kl_bound(n)` = log n - (n-1)/n: the bound holds for any base distribution and is reached by
+    a continuous one. With M distinct samples and rewards the estimate depends on M and n alone
+    (a finite-M version of the bound, below it: 1.163 against 1.204 for M = n = 8, tending to it
+    as M grows); tied rewards and repeated texts lower it, down to 0 for a policy that always
+    writes the same text. So it tells how far a peaked policy's best-of-n stays from the bound,
+    not more. n = 1 gives 0.
     """
     probs = best_of_n_probabilities(rewards, n)
     keys: Sequence[Hashable] = range(len(probs)) if texts is None else texts
