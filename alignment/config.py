@@ -257,6 +257,19 @@ class PPOConfig:
 
 
 @dataclass
+class BestOfNConfig:
+    """Best-of-N: no training; the initial policy's best of N samples by the reward model."""
+
+    n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """The Ns to report. One pool of max(n) samples per eval prompt serves them all (see
+    alignment/best_of_n.py), so the largest N sets the sampling cost."""
+
+    def __post_init__(self) -> None:
+        if not self.n or min(self.n) < 1 or len(set(self.n)) != len(self.n):
+            raise ValueError(f"best_of_n.n must be distinct integers >= 1, got {self.n}")
+
+
+@dataclass
 class EvalConfig:
     samples_per_prompt: int = 4
     greedy: bool = True
@@ -269,6 +282,7 @@ ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {
     "rft": ("pool", "train"),
     "alt-rm": ("pool", "conditioning", "feedback", "train"),
     "ppo": ("ppo",),
+    "best-of-n": ("best_of_n",),
 }
 """The config sections each algorithm reads besides the shared ones. A section written for one
 algorithm in a run of another is an error: it would be silently ignored."""
@@ -279,7 +293,8 @@ class Config:
     """A whole run. YAML files and `key=value` overrides hold only what differs from here."""
 
     algorithm: str = "quark"
-    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm, ppo."""
+    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm, ppo,
+    best-of-n (no training: reward and KL of the best of N samples, iterations 0)."""
     out_dir: str = "runs/demo"
     iterations: int = 3
     seed: int = 42
@@ -294,6 +309,7 @@ class Config:
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -301,8 +317,16 @@ class Config:
             raise ValueError(
                 f"unknown algorithm {self.algorithm!r}; choose from {', '.join(ALGORITHM_SECTIONS)}"
             )
+        if self.algorithm == "best-of-n":
+            if self.iterations != 0:
+                raise ValueError(
+                    f"algorithm best-of-n trains nothing: set iterations: 0 (got "
+                    f"{self.iterations}); it evaluates the initial policy and its best of "
+                    "best_of_n.n samples"
+                )
+        elif self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         positive = {
-            "iterations": self.iterations,
             "data.prompts_per_iteration": self.data.prompts_per_iteration,
             "data.num_eval_prompts": self.data.num_eval_prompts,
             "data.samples_per_prompt": self.data.samples_per_prompt,

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.algorithms import ALGORITHMS, Algorithm, Models
+from alignment.algorithms.best_of_n import write_best_of_n
 from alignment.conditioning import Conditioning
 from alignment.config import Config, SamplingConfig, config_to_dict, dump_config
 from alignment.errors import UserError
@@ -101,6 +102,8 @@ def _iterate(
             json.dump({"iteration": iteration, **result}, handle, indent=1)
 
     evaluate_into(out / "iter_000" / "eval.json", conditioned=False, iteration=0)
+    if config.algorithm == "best-of-n":  # trains nothing (iterations: 0)
+        write_best_of_n(out, sampler, eval_rows, score, config)
     for iteration in range(1, config.iterations + 1):
         it_dir = out / f"iter_{iteration:03d}"
         seed = config.seed + iteration

@@ -7,6 +7,7 @@ naming the config sections it reads in `alignment.config.ALGORITHM_SECTIONS`.
 from __future__ import annotations
 
 from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
+from alignment.algorithms.best_of_n import BestOfN
 from alignment.algorithms.conditional import AltRM, Quark, RejectionSampling
 from alignment.algorithms.ppo import PPO
 
@@ -15,6 +16,7 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "rft": RejectionSampling,
     "alt-rm": AltRM,
     "ppo": PPO,
+    "best-of-n": BestOfN,
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmFactory", "Models"]

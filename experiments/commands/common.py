@@ -54,3 +54,18 @@ def model_conditioning(
         print(f"note: {model} has no control tokens; generating unconditioned", file=sys.stderr)
         return None
     return replace(conditioning, placement=placement) if placement else conditioning
+
+
+def format_best_of_n(rows: list[dict]) -> str:
+    """The rows of `alignment.best_of_n.summarize_best_of_n` as a table, one line per N."""
+    header = (
+        f"{'N':>4}  {'reward (best of N)':>20}  {'KL est.':>7}  {'KL bound':>8}  {'samples':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        reward = f"{row['reward_mean']:.4f} +- {row['reward_stderr']:.4f}"
+        lines.append(
+            f"{row['n']:>4}  {reward:>20}  {row['kl_estimate']:>7.3f}  {row['kl_bound']:>8.3f}  "
+            f"{row['samples']:>7}"
+        )
+    return "\n".join(lines)

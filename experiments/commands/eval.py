@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from alignment.best_of_n import summarize_best_of_n
 from alignment.comparison import (
     paired_difference,
     per_prompt_means,
@@ -21,14 +22,18 @@ from alignment.comparison import (
     win_fractions,
 )
 from alignment.conditioning import Conditioning
-from alignment.config import EvalConfig, SamplingConfig, TrainConfig
+from alignment.config import BestOfNConfig, EvalConfig, SamplingConfig, TrainConfig
 from alignment.errors import UserError
 from alignment.evaluation import likelihood_metrics, sample_and_score, sample_metrics
 from alignment.io import atomic_write
 from alignment.loop import latest_checkpoint
 from alignment.models import load_model_and_tokenizer, load_tokenizer
 from alignment.prompts import PromptRow, load_prompts
-from experiments.commands.common import add_sampling_arguments, sampling_config
+from experiments.commands.common import (
+    add_sampling_arguments,
+    format_best_of_n,
+    sampling_config,
+)
 from rewards import load_reward
 from rewards.cli import reward_options
 from samplers import HFSampler
@@ -71,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="win rate against the human summaries (default: when every prompt has one)",
     )
     parser.add_argument("--no-condition", action="store_true", help="evaluate all unconditioned")
+    parser.add_argument(
+        "--best-of-n",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="also the reward and KL of the best of N samples by the reward, for each N "
+        "(from one pool of max(N) samples per prompt)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=TrainConfig.batch_size, help="likelihood forward batch"
     )
@@ -132,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.conditioning_curve and args.no_condition:
         raise UserError("--conditioning-curve needs conditioned policies; drop --no-condition")
+    if args.best_of_n:
+        try:
+            BestOfNConfig(n=args.best_of_n)
+        except ValueError as err:
+            raise UserError(f"--best-of-n: {err}") from err
     cfg: SamplingConfig = sampling_config(args)
     rows = load_prompts(args.prompts, limit=args.limit)
     has_refs = all(r.reference for r in rows)
@@ -186,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
             result["paired_vs_baseline"] = {"baseline": args.policies[0], **paired}
         results.append(result)
         print(_summary_line(result))
+        if result["best_of_n"]:
+            print(format_best_of_n(result["best_of_n"]))
 
     report = {
         "settings": {
@@ -200,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
             "vs_references": vs_refs,
             "no_condition": args.no_condition,
             "conditioning_curve": args.conditioning_curve,
+            "best_of_n": args.best_of_n,
             "dtype": args.dtype,
             "batch_size": args.batch_size,
             "sampling": asdict(cfg),
@@ -273,6 +294,15 @@ def _evaluate_policy(
             "controls": per_control,
             "best_minus_worst": paired_difference(worst, means).to_dict(),
         }
+    best_of_n = None
+    if args.best_of_n:
+        pool = max(args.best_of_n)
+        drawn = (  # the -k samples above are that pool when k is its size
+            scored
+            if pool == k
+            else sample_and_score(sampler, rows, reward.score, conditioning, pool, seed=args.seed)
+        )
+        best_of_n = summarize_best_of_n(drawn.rewards, drawn.completions, pool, args.best_of_n)
     return {
         "name": name,
         "path": path,
@@ -282,6 +312,7 @@ def _evaluate_policy(
         "control": conditioning.best if conditioning else None,
         "metrics": metrics,
         "conditioning_curve": curve,
+        "best_of_n": best_of_n,
         "_per_prompt": means,
     }
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
+from alignment.algorithms.best_of_n import RESULT, SAMPLES
 from alignment.config import load_config
 from alignment.loop import run as run_loop
+from experiments.commands.common import format_best_of_n
 from rewards import load_reward
 from samplers import HFSampler
 
@@ -38,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = run_loop(config, reward.score, HFSampler)
     print(format_table(metrics))
+    if config.algorithm == "best-of-n":
+        result = json.loads((Path(config.out_dir) / RESULT).read_text())
+        print(f"best of N on {result['num_prompts']} eval prompts (initial policy):")
+        print(format_best_of_n(result["best_of_n"]))
+        print(f"run directory: {config.out_dir} ({RESULT}, {SAMPLES}, metrics.jsonl)")
+        return 0
     print(f"run directory: {config.out_dir} (metrics.jsonl, plots/, checkpoints/)")
     return 0
 

@@ -203,3 +203,30 @@ def test_bad_inputs_exit_2_with_one_line(
     assert run_eval(d, "--prompts", str(prompts), "-k", "0", *common) == 2
     assert "--num-samples" in one_line_error(capsys)
     assert not (tmp_path / "e.json").exists()
+
+
+def test_best_of_n_from_the_eval_samples_and_from_its_own_pool(
+    tmp_path, tiny_model_dir, prompts, reward, capsys
+):
+    out = tmp_path / "eval.json"
+    common = ["--prompts", str(prompts), "--reward", reward, "--reference", "none"]
+    d = str(tiny_model_dir)
+    # -k 4 = max(N): the eval's own samples are the pool, so N = 1 is the eval's reward
+    assert run_eval(d, *common, "-k", "4", "--best-of-n", "4", "1", "2", "--out", str(out)) == 0
+    assert "reward (best of N)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["settings"]["best_of_n"] == [4, 1, 2]
+    (policy,) = report["policies"]
+    rows = policy["best_of_n"]
+    assert [r["n"] for r in rows] == [1, 2, 4] and [r["samples"] for r in rows] == [3, 6, 12]
+    assert rows[0]["per_prompt_reward"] == pytest.approx(policy["metrics"]["per_prompt_reward"])
+    assert rows[0]["kl_estimate"] == pytest.approx(0.0, abs=1e-12)
+    means = [r["reward_mean"] for r in rows]
+    assert means[0] <= means[1] + 1e-12 <= means[2] + 2e-12
+    # a pool of its own (3 per prompt) when -k differs
+    assert run_eval(d, *common, "-k", "1", "--best-of-n", "3", "--out", str(out)) == 0
+    (row,) = json.loads(out.read_text())["policies"][0]["best_of_n"]
+    assert (row["n"], row["samples"], row["reward_prompts"]) == (3, 9, 3)
+    capsys.readouterr()
+    assert run_eval(d, *common, "--best-of-n", "0", "2", "--out", str(out)) == 2
+    assert "--best-of-n: best_of_n.n must be distinct integers >= 1" in one_line_error(capsys)
