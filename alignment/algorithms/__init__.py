@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
 from alignment.algorithms.conditional import AltRM, Quark, RejectionSampling
+from alignment.algorithms.trl_baselines import GRPO, RLOO
 
 ALGORITHMS: dict[str, AlgorithmFactory] = {
     "quark": Quark,
     "rft": RejectionSampling,
     "alt-rm": AltRM,
+    "grpo": GRPO,
+    "rloo": RLOO,
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmFactory", "Models"]
