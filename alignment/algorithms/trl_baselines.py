@@ -5,7 +5,8 @@ themselves (`samples_itself`): each iteration builds a fresh trl trainer over th
 prompts, which draws `data.samples_per_prompt` generations of each prompt once (the sampling
 budget of every algorithm), scores them with the run's reward and steps on them. What trl drew
 and the rewards it trained on are then written to `scored.jsonl`, so sample counts, reports and
-resumes treat these runs like any other. docs/algorithm.md section 17 says what trl computes.
+resumes treat these runs like any other. docs/algorithm.md ("GRPO and RLOO through trl") says
+what trl computes.
 
 A new trainer per iteration means a new AdamW and learning-rate schedule per iteration (as
 Quark's default `train.reset_optimizer`), so there is no optimizer state to checkpoint, and a run
