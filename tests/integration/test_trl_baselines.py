@@ -83,9 +83,9 @@ def test_two_iterations_train_the_policy_and_record_what_trl_drew(tmp_path, algo
         assert [s["step"] for s in steps] == [1, 2] and all("loss" in s for s in steps)
         assert not (it_dir / "samples.jsonl").exists() and not (it_dir / "trl").exists()
         trained = load_file(out / "checkpoints" / f"iter_{iteration:03d}" / "model.safetensors")
-        assert not torch.equal(trained["transformer.h.1.mlp.c_fc.weight"], initial[
-            "transformer.h.1.mlp.c_fc.weight"
-        ])
+        assert not torch.equal(
+            trained["transformer.h.1.mlp.c_fc.weight"], initial["transformer.h.1.mlp.c_fc.weight"]
+        )
     # the KL to the reference (beta > 0 by default) was computed against our reference
     assert any(s["kl"] > 0 for s in steps)
     # iteration 2 started from iteration 1's weights: the two checkpoints differ
