@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -270,6 +270,72 @@ class BestOfNConfig:
 
 
 @dataclass
+class GroupRLConfig:
+    """What GRPO and RLOO share: both run through trl, which samples `data.samples_per_prompt`
+    generations of each prompt itself and learns from their rewards relative to each other.
+
+    trl's defaults except where said: one optimizer step per `prompts_per_step` prompts, so an
+    iteration's `data.prompts_per_iteration` prompts are used once (the same sampling budget as
+    every algorithm), and a new trl trainer (AdamW, linear decay) every iteration.
+    """
+
+    section: ClassVar[str]
+    learning_rate: float = 1e-6
+    beta: float = 0.0
+    """KL coefficient to the reference model (0: no reference is used)."""
+    num_iterations: int = 1
+    """Optimizer passes over each batch of generations (GRPO's mu); >1 reuses them, clipped."""
+    epsilon: float = 0.2
+    """Clip range of the importance ratio (matters only with num_iterations > 1)."""
+    prompts_per_step: int = 4
+    """Prompts per optimizer step (their generations form one trl generation batch); must divide
+    data.prompts_per_iteration."""
+    batch_size: int = 8
+    """Generations per forward pass; gradients accumulate over prompts_per_step x
+    data.samples_per_prompt of them, which it must divide."""
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    """trl turns it on by default; off here, where the models are small (on for GPT-J)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "learning_rate": (self.learning_rate, "> 0", lambda v: v > 0),
+            "beta": (self.beta, ">= 0", lambda v: v >= 0),
+            "epsilon": (self.epsilon, "> 0", lambda v: v > 0),
+            "max_grad_norm": (self.max_grad_norm, "> 0", lambda v: v > 0),
+            "num_iterations": (self.num_iterations, ">= 1", lambda v: v >= 1),
+            "prompts_per_step": (self.prompts_per_step, ">= 1", lambda v: v >= 1),
+            "batch_size": (self.batch_size, ">= 1", lambda v: v >= 1),
+        }
+        for name, (value, rule, ok) in checks.items():
+            if not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{self.section}.{name} must be {rule}, got {value}")
+
+
+@dataclass
+class GrpoConfig(GroupRLConfig):
+    """GRPO (DeepSeekMath): advantage = the reward standardized within its prompt's group."""
+
+    section: ClassVar[str] = "grpo"
+    beta: float = 0.04
+    """The GRPO paper's KL coefficient (trl's default is 0): a learned reward needs the leash."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    """How token losses are averaged (trl's default, dapo: over all tokens of the batch)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Divide advantages by the group's reward std (group), the batch's, or not at all."""
+
+
+@dataclass
+class RlooConfig(GroupRLConfig):
+    """RLOO: advantage = the reward minus the mean reward of the prompt's other generations."""
+
+    section: ClassVar[str] = "rloo"
+    beta: float = 0.05
+    """trl's default: the KL to the reference is subtracted from the reward."""
+    normalize_advantages: bool = False
+
+
+@dataclass
 class EvalConfig:
     samples_per_prompt: int = 4
     greedy: bool = True
@@ -283,6 +349,8 @@ ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {
     "alt-rm": ("pool", "conditioning", "feedback", "train"),
     "ppo": ("ppo",),
     "best-of-n": ("best_of_n",),
+    "grpo": ("grpo",),
+    "rloo": ("rloo",),
 }
 """The config sections each algorithm reads besides the shared ones. A section written for one
 algorithm in a run of another is an error: it would be silently ignored."""
@@ -294,7 +362,8 @@ class Config:
 
     algorithm: str = "quark"
     """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm, ppo,
-    best-of-n (no training: reward and KL of the best of N samples, iterations 0)."""
+    grpo, rloo (the last two through trl), best-of-n (no training: reward and KL of the best of
+    N samples, iterations 0)."""
     out_dir: str = "runs/demo"
     iterations: int = 3
     seed: int = 42
@@ -310,6 +379,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    rloo: RlooConfig = field(default_factory=RlooConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -349,11 +420,32 @@ class Config:
                 )
             if "{phrase}" not in self.feedback.template:
                 raise ValueError("feedback.template must contain '{phrase}'")
+        if self.algorithm in ("grpo", "rloo"):
+            self._check_group_batches(self.grpo if self.algorithm == "grpo" else self.rloo)
         if not 0.0 <= self.pool.drop_factor <= 1.0:
             raise ValueError("pool.drop_factor must be in [0, 1]")
         unknown = set(self.report_to) - {"tensorboard", "wandb"}
         if unknown:
             raise ValueError(f"report_to: unknown tracker(s) {sorted(unknown)}")
+
+    def _check_group_batches(self, section: GroupRLConfig) -> None:
+        """trl drops prompts that do not fill a generation batch: refuse budgets it would cut."""
+        name, per_prompt = section.section, self.data.samples_per_prompt
+        if per_prompt < 2:
+            raise ValueError(
+                f"data.samples_per_prompt must be >= 2 for {name} (its baseline is the group's "
+                f"other generations), got {per_prompt}"
+            )
+        if self.data.prompts_per_iteration % section.prompts_per_step:
+            raise ValueError(
+                f"{name}.prompts_per_step ({section.prompts_per_step}) must divide "
+                f"data.prompts_per_iteration ({self.data.prompts_per_iteration})"
+            )
+        if section.prompts_per_step * per_prompt % section.batch_size:
+            raise ValueError(
+                f"{name}.batch_size ({section.batch_size}) must divide {name}.prompts_per_step x "
+                f"data.samples_per_prompt ({section.prompts_per_step * per_prompt})"
+            )
 
 
 # ---------------------------------------------------------------- loading and overrides

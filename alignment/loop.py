@@ -108,12 +108,11 @@ def _iterate(
         it_dir = out / f"iter_{iteration:03d}"
         seed = config.seed + iteration
         # 1. sample: the initial policy has not learned the controls, so it samples without
-        #    them; later policies sample conditioned on the best one
+        #    them; later policies sample conditioned on the best one (an algorithm that
+        #    samples itself does 1 and 2 inside its update)
+        rows = iteration_prompts(train_rows, config.data.prompts_per_iteration, seed)
         samples_path = it_dir / "samples.jsonl"
-        if not samples_path.exists():
-            rows = random.Random(seed).sample(
-                train_rows, min(config.data.prompts_per_iteration, len(train_rows))
-            )
+        if not samples_path.exists() and not algorithm.samples_itself:
             control = conditioning if iteration > 1 else None
             texts = [control.condition(r.prompt) if control else r.prompt for r in rows]
             gens = sampler.sample(texts, config.data.samples_per_prompt, seed=seed)
@@ -132,7 +131,7 @@ def _iterate(
             )
         # 2. score
         scored_path = it_dir / "scored.jsonl"
-        if not scored_path.exists():
+        if not scored_path.exists() and not algorithm.samples_itself:
             records = load_samples(samples_path)
             for record in records:
                 record.rewards = score(
@@ -145,7 +144,7 @@ def _iterate(
         # 3. update (the algorithm's own stages), then checkpoint
         checkpoint = out / "checkpoints" / f"iter_{iteration:03d}"
         if not checkpoint.exists():
-            history = algorithm.update(iteration, it_dir, seed)
+            history = algorithm.update(iteration, it_dir, seed, rows)
             write_jsonl(it_dir / "train_log.jsonl", history)
             _save_checkpoint(models, algorithm, checkpoint, config, iteration)
         # 4. evaluate, conditioned on the best control
@@ -157,6 +156,12 @@ def _iterate(
     if config.report_to:
         accelerator.end_training()
     return _write_metrics(out, config)
+
+
+def iteration_prompts(train_rows: list[PromptRow], count: int, seed: int) -> list[PromptRow]:
+    """The prompts of one iteration: `count` drawn without replacement, seeded per iteration,
+    so a resumed run and every algorithm (sampled by the loop or by itself) see the same ones."""
+    return random.Random(seed).sample(train_rows, min(count, len(train_rows)))
 
 
 @contextlib.contextmanager

@@ -370,3 +370,21 @@ def load_model_and_tokenizer(
     )
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, padding_side=padding_side)
     return model, tokenizer
+
+
+def stop_token_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop_at_newline: bool
+) -> list[int]:
+    """The tokens that end a generation: EOS, the model's own end ids, and with
+    `sampling.stop_at_newline` every token whose text holds a newline (merged ones included)."""
+    ids = {tokenizer.eos_token_id}
+    generation_eos = model.generation_config.eos_token_id
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    if stop_at_newline:
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        ids.update(
+            i
+            for i, tok in enumerate(vocab)
+            if tok is not None and "\n" in tokenizer.convert_tokens_to_string([tok])
+        )
+    return sorted(i for i in ids if i is not None)

@@ -34,6 +34,7 @@ from alignment.conditioning import control_token_ids
 from alignment.config import SamplingConfig
 from alignment.errors import UserError
 from alignment.interfaces import Generation
+from alignment.models import stop_token_ids
 from alignment.prompts import truncate_middle
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class HFSampler:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = stop_token_ids(model, tokenizer, config.stop_at_newline)
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit is not None and config.max_prompt_tokens + config.max_new_tokens > limit:
             raise UserError(
@@ -188,19 +189,6 @@ class HFSampler:
                 f"{config.max_prompt_tokens + config.max_new_tokens} exceeds the model's "
                 f"{limit} positions"
             )
-
-    def _stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        generation_eos = self.model.generation_config.eos_token_id
-        ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-        if self.config.stop_at_newline:
-            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            ids.update(
-                i
-                for i, tok in enumerate(vocab)
-                if tok is not None and "\n" in self.tokenizer.convert_tokens_to_string([tok])
-            )
-        return sorted(i for i in ids if i is not None)
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids per prompt, over-long ones cut from the middle (and said so, once)."""

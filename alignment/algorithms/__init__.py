@@ -10,6 +10,7 @@ from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
 from alignment.algorithms.best_of_n import BestOfN
 from alignment.algorithms.conditional import AltRM, Quark, RejectionSampling
 from alignment.algorithms.ppo import PPO
+from alignment.algorithms.trl_baselines import GRPO, RLOO
 
 ALGORITHMS: dict[str, AlgorithmFactory] = {
     "quark": Quark,
@@ -17,6 +18,8 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "alt-rm": AltRM,
     "ppo": PPO,
     "best-of-n": BestOfN,
+    "grpo": GRPO,
+    "rloo": RLOO,
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "AlgorithmFactory", "Models"]

@@ -2,7 +2,9 @@
 
 The loop owns everything every method shares: prompts, sampling, scoring, evaluation,
 checkpoints and resuming. An algorithm owns only its update: what it learns from one iteration's
-scored samples, and which conditioning (if any) its policy is sampled and evaluated with.
+scored samples, and which conditioning (if any) its policy is sampled and evaluated with. An
+algorithm whose trainer draws its own generations (GRPO and RLOO through trl) says so with
+`samples_itself`; the loop then leaves sampling and scoring to its update.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from alignment.conditioning import Conditioning
 from alignment.config import Config
 from alignment.interfaces import ScoreFn
+from alignment.prompts import PromptRow
 
 
 @dataclass
@@ -29,17 +32,25 @@ class Models:
 class Algorithm(Protocol):
     conditioning: Conditioning | None
     """What the policy is conditioned on from iteration 2 on and at evaluation; None: nothing."""
+    samples_itself: bool
+    """True: `update` samples and scores the iteration's prompts itself (on-policy, inside its
+    trainer) and writes `scored.jsonl`; the loop skips its own sample and score stages."""
 
     @staticmethod
     def conditioning_for(config: Config) -> Conditioning | None:
         """The conditioning a run of `config` trains, known before any model is loaded."""
         ...
 
-    def update(self, iteration: int, it_dir: Path, seed: int) -> list[dict]:
+    def update(
+        self, iteration: int, it_dir: Path, seed: int, prompts: list[PromptRow]
+    ) -> list[dict]:
         """Learn from `it_dir/scored.jsonl`; return one stats row per optimizer step.
 
-        Files it writes under `it_dir` are its own stage files: each is written atomically and
-        skipped when it already exists, so a resumed update redoes nothing that finished.
+        `prompts` are the iteration's prompts, those the loop sampled `scored.jsonl` from; an
+        algorithm that `samples_itself` samples them and leaves `scored.jsonl` (the
+        generations it drew and their rewards) behind instead. Files it writes under `it_dir`
+        are its own stage files: each is written atomically and skipped when it already
+        exists, so a resumed update redoes nothing that finished.
         """
         ...
 

@@ -34,6 +34,7 @@ class BestOfN:
     """Nothing to learn and nothing to condition on; the loop runs no update for it."""
 
     conditioning: Conditioning | None = None
+    samples_itself = False
 
     def __init__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
@@ -44,7 +45,9 @@ class BestOfN:
     def conditioning_for(config: Config) -> Conditioning | None:
         return None
 
-    def update(self, iteration: int, it_dir: Path, seed: int) -> list[dict]:
+    def update(
+        self, iteration: int, it_dir: Path, seed: int, prompts: list[PromptRow]
+    ) -> list[dict]:
         raise RuntimeError("best-of-n trains nothing: its runs have iterations: 0")
 
     def save_state(self, folder: Path) -> None:

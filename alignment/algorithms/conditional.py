@@ -20,12 +20,15 @@ from alignment.conditioning import Conditioning
 from alignment.config import Config
 from alignment.interfaces import ScoreFn
 from alignment.pool import DataPool, TrainItem
+from alignment.prompts import PromptRow
 from alignment.records import load_samples
 from alignment.trainer import ConditionalTrainer
 
 
 class Quark:
     """Pool -> quantiles -> conditional trainer, as ALT's Quark baseline."""
+
+    samples_itself = False
 
     def __init__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
@@ -48,7 +51,9 @@ class Quark:
             config.pool.num_quantiles, config.conditioning.placement
         )
 
-    def update(self, iteration: int, it_dir: Path, seed: int) -> list[dict]:
+    def update(
+        self, iteration: int, it_dir: Path, seed: int, prompts: list[PromptRow]
+    ) -> list[dict]:
         pool = self._pool(iteration, it_dir, seed)
         items = self.select(
             pool.draw(

@@ -44,6 +44,7 @@ from alignment.ppo import (
     value_loss,
     whiten,
 )
+from alignment.prompts import PromptRow
 from alignment.records import load_samples
 from alignment.trainer import (
     Batch,
@@ -78,6 +79,7 @@ class PPO:
     """Unconditioned policy, value head, one AdamW at a constant learning rate, a KL controller."""
 
     conditioning: Conditioning | None = None
+    samples_itself = False
 
     def __init__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
@@ -177,7 +179,7 @@ class PPO:
             raise UserError(f"{path}: {len(targets)} usable scored generations; ppo needs >= 2")
         return prompts, targets, scores, skipped
 
-    def update(self, iteration: int, it_dir: Path, seed: int) -> list[dict]:
+    def update(self, iteration: int, it_dir: Path, seed: int, rows: list[PromptRow]) -> list[dict]:
         cfg = self.cfg
         prompts, targets, score_list, skipped = self._episodes(it_dir / "scored.jsonl")
         pad, n = self.tokenizer.pad_token_id, len(targets)

@@ -66,6 +66,16 @@ def test_overrides_apply_in_order_with_types(tmp_path):
         (["iterations=0"], "iterations must be >= 1"),
         (["train=1"], "'train' must be a section"),
         (["novalue"], "must look like key=value"),
+        # grpo/rloo: trl would drop the prompts that do not fill a step, so the budget must split
+        (["algorithm=grpo", "grpo.prompts_per_step=3"], r"grpo.prompts_per_step \(3\) must divide"),
+        (["algorithm=rloo", "rloo.batch_size=7"], r"rloo.batch_size \(7\) must divide .* \(40\)"),
+        (["algorithm=grpo", "data.samples_per_prompt=1"], "samples_per_prompt must be >= 2"),
+        (["algorithm=grpo", "train.kl_coef=0.1"], "section 'train' is not read by algorithm"),
+        (["grpo.beta=0.1"], "section 'grpo' is not read by algorithm 'quark'"),
+        (["algorithm=rloo", "rloo.beta=-0.1"], "rloo.beta must be >= 0"),
+        (["algorithm=grpo", "grpo.learning_rate=0"], "grpo.learning_rate must be > 0"),
+        (["algorithm=grpo", "grpo.loss_type=ppo"], "'grpo.loss_type' must be one of"),
+        (["algorithm=rloo", "rloo.section=x"], "unknown key 'rloo.section'"),
     ],
 )
 def test_bad_keys_and_types_are_named(overrides, message):
@@ -173,3 +183,12 @@ def test_published_gptj_ppo_setup():
     assert config.sampling.temperature == 1.0 and config.sampling.top_p == 1.0
     assert config.sampling.max_new_tokens == 50 and config.data.prompts_per_iteration == 128
     assert config.ppo.target_kl == 6.0 and config.ppo.unfrozen_layers_ratio == 0.3
+
+
+def test_grpo_and_rloo_sections_default_to_trls_values_except_the_kl():
+    grpo = load_config(None, ["algorithm=grpo"])
+    rloo = load_config(None, ["algorithm=rloo"])
+    assert (grpo.grpo.beta, rloo.rloo.beta) == (0.04, 0.05)
+    assert grpo.grpo.loss_type == "dapo" and grpo.grpo.learning_rate == 1e-6
+    tree = yaml.safe_load(dump_config(grpo))
+    assert "grpo" in tree and not {"rloo", "train", "pool"} & set(tree)
