@@ -57,6 +57,7 @@ def test_lora_run_resumes_exactly_and_its_checkpoint_loads_and_generates(tmp_pat
     generated = json.loads(capsys.readouterr().out.splitlines()[0])["generation"]
     model, tokenizer = load_model_and_tokenizer(str(checkpoint), device="cpu")
     assert quantile_token(0) in tokenizer.get_added_vocab()
-    sampler = HFSampler(model, tokenizer, SamplingConfig(max_new_tokens=8, max_prompt_tokens=64, keep_tail_tokens=8))
+    sampling = SamplingConfig(max_new_tokens=8, max_prompt_tokens=64, keep_tail_tokens=8)
+    sampler = HFSampler(model, tokenizer, sampling)
     conditioned = sampler.sample([quantile_token(0) + PROMPT], 1, seed=0, greedy=True)
     assert generated == conditioned[0][0].text
