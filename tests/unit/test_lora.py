@@ -8,53 +8,17 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import build_tiny_model
+from test_trainer import SAMPLING, _items, _setup
 
 from alignment.conditioning import Conditioning, control_token_ids
-from alignment.config import LoraConfig, SamplingConfig, TrainConfig, load_config
+from alignment.config import LoraConfig, TrainConfig, dump_config, load_config
 from alignment.errors import UserError
-from alignment.pool import TrainItem
 from alignment.trainer import ConditionalTrainer
 
-SAMPLING = SamplingConfig(max_new_tokens=8, max_prompt_tokens=32, keep_tail_tokens=8)
-PROMPTS = ["The dog ate my sock. TL;DR:", "We moved to a new city last spring. TL;DR:"]
 RANK = 2
+LORA = {"lora": LoraConfig(r=RANK, alpha=4.0, dropout=0.0), "num_epochs": 1, "warmup_ratio": 0.0}
 # peft's defaults: the attention projections (GPT-2 fuses q, k and v in c_attn)
 ADAPTED = {"gpt2": ("attn.c_attn.weight",), "gptj": ("attn.q_proj.weight", "attn.v_proj.weight")}
-
-
-def _items(n: int = 12) -> list[TrainItem]:
-    words = ["dog", "sock", "city", "vet", "spring", "moved"]
-    return [
-        TrainItem(
-            prompt=PROMPTS[i % 2],
-            generation=" ".join(words[(i + j) % len(words)] for j in range(1 + i % 4)),
-            quantile=i % 5,
-            finish_reason="stop",
-            reward=float(i),
-        )
-        for i in range(n)
-    ]
-
-
-def _setup(tokenizer, family="gpt2", **train):
-    tokenizer = copy.deepcopy(tokenizer)
-    model = build_tiny_model(family, len(tokenizer), tokenizer.eos_token_id)
-    conditioning = Conditioning.quantile_tokens(5)
-    conditioning.prepare(tokenizer, model, seed=0)
-    config = TrainConfig(
-        **{
-            "learning_rate": 1e-2,
-            "batch_size": 4,
-            "num_epochs": 1,
-            "warmup_ratio": 0.0,
-            "lora": LoraConfig(r=RANK, alpha=4.0, dropout=0.0),
-            **train,
-        }
-    )
-    trainer = ConditionalTrainer(
-        model, tokenizer, config, SAMPLING, conditioning, Accelerator(cpu=True)
-    )
-    return model, tokenizer, trainer
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -70,7 +34,7 @@ def test_one_iteration_changes_only_the_adapted_matrices_and_the_control_rows(
     - of the input embedding only the control tokens' rows moved;
     - every other weight (other blocks' matrices, biases, norms, the untied GPT-J head, the
       position embeddings) is bit for bit what it was."""
-    model, tokenizer, trainer = _setup(tiny_tokenizer, family)
+    model, tokenizer, trainer = _setup(tiny_tokenizer, family, **LORA)
     before = _state(model)
     trainer.train(_items(), seed=0)
     assert trainer.policy is model
@@ -97,7 +61,7 @@ def test_one_iteration_changes_only_the_adapted_matrices_and_the_control_rows(
 
 
 def test_a_second_iteration_starts_a_fresh_adapter_on_the_merged_weights(tiny_tokenizer):
-    model, _, trainer = _setup(tiny_tokenizer)
+    model, _, trainer = _setup(tiny_tokenizer, **LORA)
     trainer.train(_items(), seed=0)
     merged = _state(model)
     out = torch.tensor([[400, 10, 11]])
@@ -117,7 +81,7 @@ def test_control_lr_multiplier_scales_the_control_rows_step(tiny_tokenizer):
     steps, states = {}, {}
     for factor in (1.0, 3.0):
         model, tokenizer, trainer = _setup(
-            tiny_tokenizer, control_lr_multiplier=factor, batch_size=12, weight_decay=0.0
+            tiny_tokenizer, control_lr_multiplier=factor, batch_size=12, weight_decay=0.0, **LORA
         )
         before = _state(model)
         trainer.train(_items(), seed=0)
@@ -154,7 +118,7 @@ def test_untied_head_without_bias_trains_the_control_output_rows_when_unmasked(t
 def test_unmasked_control_logits_under_a_head_with_a_bias_are_refused(tiny_tokenizer):
     """peft 0.21 computes a wrapped output layer without its bias (GPT-J's head has one)."""
     with pytest.raises(UserError, match="mask_control_logits"):
-        _setup(tiny_tokenizer, "gptj", mask_control_logits=False)
+        _setup(tiny_tokenizer, "gptj", mask_control_logits=False, **LORA)
 
 
 @pytest.mark.parametrize(
@@ -179,8 +143,6 @@ def test_lora_settings_load_and_round_trip(tmp_path):
     assert load_config(None, []).train.lora is None
     config = load_config(None, ["train.lora={}"])
     assert config.train.lora == LoraConfig(r=16, alpha=32.0, dropout=0.05, target_modules=None)
-    from alignment.config import dump_config
-
     path = tmp_path / "config.yaml"
     path.write_text(dump_config(load_config(None, ["train.lora.target_modules=[q_proj]"])))
     assert load_config(path).train.lora == LoraConfig(target_modules=["q_proj"])
