@@ -132,6 +132,44 @@ class FeedbackConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft for the conditional trainer (`train.lora`; null = off).
+
+    The base model is frozen; the adapters and the control tokens' embedding rows train (peft's
+    `trainable_token_indices`). One adapter per iteration: it starts fresh (B = 0, so the model is
+    unchanged), trains, and is merged into the weights at the end of the iteration ("LoRA per
+    iteration"); the next iteration starts a new one on the merged weights. The optimizer
+    therefore restarts each iteration, as `train.reset_optimizer` (required with LoRA) does
+    anyway, so a resumed run continues exactly. Several iterations add up to a rank of
+    r x iterations at most. Each checkpoint is a plain model folder (the adapter merged in) that
+    every command loads as any other.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    """The update is scaled by alpha / r."""
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    """Module names to adapt; null = peft's default for the architecture: the attention
+    projections `q_proj`, `v_proj` for GPT-J and Llama, `c_attn` (query, key and value in one
+    Conv1D) for GPT-2."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"train.lora.r must be >= 1, got {self.r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"train.lora.alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ValueError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("train.lora.target_modules must name modules (or be null)")
+
+
+UNFROZEN_LAYERS_RATIO = 0.3
+"""ALT's: int(0.3 * 28) = 8 of GPT-J's blocks train."""
+
+
+@dataclass
 class TrainConfig:
     """The conditional-LM objective and its optimizer (ALT's values; see docs/algorithm.md)."""
 
@@ -153,8 +191,9 @@ class TrainConfig:
     """0 disables the KL term and skips loading a reference for training."""
     kl_direction: KLDirection = "ref_policy"
     """ref_policy: KL(ref || policy) as ALT; policy_ref: original Quark's direction."""
-    unfrozen_layers_ratio: float = 0.3
-    """Top fraction of transformer blocks that train; embeddings, final norm and head always do."""
+    unfrozen_layers_ratio: float = UNFROZEN_LAYERS_RATIO
+    """Top fraction of transformer blocks that train; embeddings, final norm and head always do.
+    Not read with `lora` (the base is frozen): another value with it is an error."""
     max_grad_norm: float | None = None
     batches_by_prompt: bool = False
     """Batch each prompt's items together (prompts shuffled, then items) instead of one uniform
@@ -165,6 +204,8 @@ class TrainConfig:
     """Fresh optimizer state and warm-up every iteration (ALT) instead of one schedule over the
     whole run. Either way the optimizer, scheduler and RNG state are checkpointed, so a resumed
     run continues exactly."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of the top blocks (`train.lora={}` for the defaults)."""
 
     def __post_init__(self) -> None:
         """Refuse values AdamW or the schedule would only reject (or turn into NaN weights) after
@@ -190,6 +231,17 @@ class TrainConfig:
         for name, (value, rule, ok) in checks.items():
             if not (math.isfinite(value) and ok(value)):
                 raise ValueError(f"train.{name} must be {rule}, got {value}")
+        if self.lora is not None:
+            if self.unfrozen_layers_ratio != UNFROZEN_LAYERS_RATIO:
+                raise ValueError(
+                    "train.unfrozen_layers_ratio does not apply with train.lora (the base model "
+                    "is frozen and the adapters train): remove one of them"
+                )
+            if not self.reset_optimizer:
+                raise ValueError(
+                    "train.reset_optimizer=false needs one optimizer for the whole run, but "
+                    "train.lora starts a new adapter (and so a new optimizer) every iteration"
+                )
 
 
 @dataclass
@@ -548,10 +600,12 @@ def _build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in tree.items():
         key, hint = prefix + name, hints[name]
-        if is_dataclass(hint):
+        # a section, or an optional one (`X | None`, e.g. train.lora) that is given
+        section = hint if is_dataclass(hint) else next(filter(is_dataclass, get_args(hint)), None)
+        if section is not None and (value is not None or section is hint):
             if not isinstance(value, dict):
                 raise ValueError(f"'{key}' must be a section (mapping)")
-            kwargs[name] = _build(hint, value, key + ".")
+            kwargs[name] = _build(section, value, key + ".")
         else:
             kwargs[name] = _coerce(value, hint, key)
     return cls(**kwargs)

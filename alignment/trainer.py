@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.conditioning import Conditioning, control_token_ids
-from alignment.config import SamplingConfig, TrainConfig
+from alignment.config import LoraConfig, SamplingConfig, TrainConfig
+from alignment.errors import UserError
 from alignment.losses import quark_loss, token_logprobs
 from alignment.pool import TrainItem
 from alignment.prefix_sharing import prompt_grouped_batches, shared_prefix_target_logits
@@ -135,6 +138,42 @@ def freeze_bottom_layers(model: PreTrainedModel, unfrozen_ratio: float) -> tuple
     return num_frozen, num_blocks
 
 
+def lora_config(
+    model: PreTrainedModel, lora: LoraConfig, control_ids: list[int], mask_control_logits: bool
+) -> PeftLoraConfig:
+    """peft's LoRA settings, with the control tokens' embedding rows trainable.
+
+    peft's `trainable_token_indices` trains just those rows of the input embedding, and with
+    tied embeddings (GPT-2, SmolLM2) the output rows with them. With untied ones (GPT-J) the
+    output rows would need their own entry, but they matter only when `mask_control_logits` is
+    off: masked, their logits are -inf in training and never sampled, so their gradient is 0.
+    Unmasked, they train too, except under a head with a bias (GPT-J): peft 0.21 computes a
+    wrapped head as `F.linear` without the bias, which would change every logit.
+    """
+    targets: dict[str, list[int]] = {}
+    if control_ids:
+        modules = {id(m): name for name, m in model.named_modules()}
+        targets[modules[id(model.get_input_embeddings())]] = control_ids
+        output = model.get_output_embeddings()
+        tied = output is None or output.weight is model.get_input_embeddings().weight
+        if not tied and not mask_control_logits:
+            if getattr(output, "bias", None) is not None:
+                raise UserError(
+                    "train.lora with train.mask_control_logits=false cannot train the control "
+                    f"tokens' output rows of {type(model).__name__}: its output layer has a bias, "
+                    "which peft drops; keep train.mask_control_logits=true"
+                )
+            targets[modules[id(output)]] = control_ids
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        trainable_token_indices=targets or None,
+        task_type="CAUSAL_LM",
+    )
+
+
 @dataclass
 class WarmupLinearDecay:
     """transformers' linear schedule with warm-up as a restartable LambdaLR factor.
@@ -178,27 +217,63 @@ class ConditionalTrainer:
             raise ValueError("train.kl_coef > 0 needs a reference model")
         self.config, self.sampling, self.conditioning = config, sampling, conditioning
         self.tokenizer, self.accelerator, self.reference = tokenizer, accelerator, reference
-        frozen, total = freeze_bottom_layers(policy, config.unfrozen_layers_ratio)
-        log.info("training the top %d of %d blocks plus embeddings and head", total - frozen, total)
         ids = control_token_ids(tokenizer)
         self.control_ids = torch.tensor(ids) if ids else None
-        optimizer = torch.optim.AdamW(
-            [p for p in policy.parameters() if p.requires_grad],
-            lr=config.learning_rate,
-            betas=config.adam_betas,
-            eps=config.adam_eps,
-            weight_decay=config.weight_decay,
-        )
-        self.schedule = WarmupLinearDecay()
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
-        self.policy, self.optimizer, self.scheduler = accelerator.prepare(
-            policy, optimizer, scheduler
-        )
-        self._raw_optimizer, self._raw_scheduler = optimizer, scheduler
+        if config.lora is None:
+            frozen, total = freeze_bottom_layers(policy, config.unfrozen_layers_ratio)
+            log.info("training the top %d of %d blocks, embeddings and head", total - frozen, total)
+            self._prepare(policy, [p for p in policy.parameters() if p.requires_grad])
+        else:
+            self.policy = policy  # `train` adds a fresh adapter each iteration and merges it
+            self._lora = lora_config(policy, config.lora, ids, config.mask_control_logits)
         # The weights are saved as a checkpoint by the loop (save_pretrained); the training
         # state next to them holds only what the checkpoint lacks.
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
+
+    def _prepare(self, policy: nn.Module, params: list[dict] | list[nn.Parameter]) -> None:
+        """One AdamW over `params` and its restartable schedule, prepared with `policy`."""
+        cfg = self.config
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+        self.schedule = WarmupLinearDecay()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
+            policy, optimizer, scheduler
+        )
+        self._raw_optimizer, self._raw_scheduler = optimizer, scheduler
+
+    def _add_adapter(self) -> None:
+        """Wrap the policy in a fresh LoRA adapter; the control rows' step scaled by a param group.
+
+        Scaling a group's learning rate scales its whole AdamW step, which is what the full
+        fine-tuning path does to the rows by hand (peft keeps them in their own tensor here).
+        """
+        model = get_peft_model(self.policy, self._lora)
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("training a LoRA adapter: %d of %d parameters", trainable, total)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        rows = [p for n, p in named if "trainable_tokens_delta" in n]
+        groups = [{"params": [p for n, p in named if "trainable_tokens_delta" not in n]}]
+        if rows:
+            lr = self.config.learning_rate * self.config.control_lr_multiplier
+            groups.append({"params": rows, "lr": lr})
+        self._prepare(model, groups)
+
+    def _merge_adapter(self) -> None:
+        """Merge the adapter into the policy's weights: the loop's model object, now plain again.
+
+        accelerate keeps every prepared model and optimizer; releasing them keeps a run's memory
+        flat and its saved training state free of the adapters of finished iterations.
+        """
+        peft_model = self.accelerator.unwrap_model(self.policy)
+        self.policy = peft_model.merge_and_unload()
+        self.accelerator.free_memory()
 
     def save_state(self, folder: str | Path) -> None:
         """Optimizer, scheduler and RNG state, through accelerate, into `folder`."""
@@ -243,13 +318,16 @@ class ConditionalTrainer:
         one schedule over `total_iterations` calls of the same size.
         """
         cfg = self.config
+        # dropout and a new adapter: a resumed run must train exactly as an unbroken one
+        torch.manual_seed(seed)
+        if cfg.lora is not None:
+            self._add_adapter()
         encoded = [self._encode(item) for item in items]
         steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
         if self.schedule.total == 0 or cfg.reset_optimizer:
             iterations = 1 if cfg.reset_optimizer else total_iterations
             self._restart_schedule(steps_per_epoch * cfg.num_epochs * iterations)
         rng = random.Random(seed)
-        torch.manual_seed(seed)  # dropout: a resumed run must train exactly as an unbroken one
         pad = self.tokenizer.pad_token_id
         history: list[dict] = []
         self.policy.train()
@@ -270,6 +348,8 @@ class ConditionalTrainer:
                 progress.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         progress.close()
         self.policy.eval()
+        if cfg.lora is not None:
+            self._merge_adapter()
         return history
 
     def _step(self, chunk: list[tuple[list[int], list[int], list[int]]], pad: int) -> dict:
@@ -306,13 +386,14 @@ class ConditionalTrainer:
             stats["grad_norm"] = float(
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             )
-        embeddings = self.policy.get_input_embeddings().weight
         factor = cfg.control_lr_multiplier
-        if factor != 1.0 and self.control_ids is not None:
+        scale_rows = factor != 1.0 and self.control_ids is not None and cfg.lora is None
+        if scale_rows:  # with LoRA, the rows' param group has its own learning rate
+            embeddings = self.policy.get_input_embeddings().weight
             rows = self.control_ids.to(embeddings.device)
             before = embeddings.detach()[rows].clone()
         self.optimizer.step()
-        if factor != 1.0 and self.control_ids is not None:
+        if scale_rows:
             # Adam's step size ignores gradient scale, so the rows' step itself is scaled.
             with torch.no_grad():
                 embeddings[rows] = before + factor * (embeddings[rows] - before)
