@@ -93,6 +93,15 @@ def _generations(it_dir: Path) -> int:
     return 0
 
 
+def _seconds(path: Path) -> float:
+    stages = _read_json(path)
+    if not isinstance(stages, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in stages.values()
+    ):
+        raise UserError(f"{path}: expected {{stage: seconds}}")
+    return float(sum(stages.values()))
+
+
 def load_run(folder: Path) -> Run:
     """Read one run directory; a folder that is no evaluated run is a clear error."""
     if not folder.is_dir():
@@ -116,7 +125,7 @@ def load_run(folder: Path) -> Run:
         raise UserError(
             f"{folder}: no iter_*/eval.json (no evaluation finished yet in this run directory)"
         )
-    evals, seen, seconds, recorded = [], [], 0.0, False
+    evals, seen = [], []
     generations = {i: _generations(d) for i, d in it_dirs}
     for i, d in evaluated:
         row = _read_json(d / "eval.json")
@@ -124,19 +133,26 @@ def load_run(folder: Path) -> Run:
             raise UserError(f"{d / 'eval.json'}: expected a JSON object")
         evals.append({**row, "iteration": i})
         seen.append(sum(n for j, n in generations.items() if j <= i))
-    for _, d in it_dirs:
-        if (d / TIMING).is_file():
-            seconds += sum(_read_json(d / TIMING).values())
-            recorded = True
+    # up to the final eval, as the samples: a half-done next iteration counts in neither
+    last = evaluated[-1][0]
+    timed = [_seconds(d / TIMING) for i, d in it_dirs if i <= last and (d / TIMING).is_file()]
     final_samples = evaluated[-1][1] / EVAL_SAMPLES
     return Run(
         name=str(folder),
         algorithm=str(config.get("algorithm", "quark")),
         evals=evals,
         samples_seen=seen,
-        seconds=seconds if recorded else None,
+        seconds=sum(timed) if timed else None,
         examples=load_samples(final_samples) if final_samples.is_file() else [],
     )
+
+
+def describe_heldout(heldout: Any) -> str:
+    """A held-out fingerprint (see `evaluation.heldout_fingerprint`) in a few words."""
+    if not isinstance(heldout, dict):
+        return "no held-out fingerprint recorded"
+    ids, digest = heldout.get("prompt_ids"), str(heldout.get("prompts_sha256"))
+    return f"{len(ids) if isinstance(ids, list) else '?'} prompts, sha256 {digest[:12]}"
 
 
 def _fingerprint(run: Run) -> str | None:
@@ -157,14 +173,7 @@ def load_runs(folders: list[Path]) -> list[Run]:
     if len(groups) > 1:
         described = []
         for key, names in groups.items():
-            if key is None:
-                what = "no held-out fingerprint recorded"
-            else:
-                heldout = json.loads(key)
-                what = (
-                    f"{len(heldout['prompt_ids'])} prompts, sha256 {heldout['prompts_sha256'][:12]}"
-                )
-            described.append(f"{', '.join(names)} ({what})")
+            described.append(f"{', '.join(names)} ({describe_heldout(json.loads(key or 'null'))})")
         raise UserError(
             "the runs were evaluated on different held-out prompts, so their numbers do not "
             f"compare: {'; '.join(described)}"
@@ -199,7 +208,9 @@ td.text, th.text { text-align: left; }
 .examples td { text-align: left; max-width: 420px; white-space: pre-wrap; }
 .prompt { max-height: 9em; overflow: auto; font-size: 0.85em; color: #555; }
 .reward { color: #666; font-size: 0.85em; }
-img { max-width: 100%; }
+img { width: 100%; max-width: 660px; }
+td { white-space: nowrap; }
+.grid { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 0 2em; }
 """
 
 
@@ -307,7 +318,10 @@ def curve_section(runs: list[Run]) -> str:
         controls = [c["control"] for c in curves[-1][1]["controls"]]
         header = ["iteration", *controls, "best − worst (paired)", "W/T/L"]
         parts.append(f"<h3>{html.escape(run.name)} ({html.escape(run.algorithm)})</h3>")
-        parts.append(_image(fig, f"conditioning curve of {run.name}") + _table(header, rows))
+        parts.append(
+            f"<div class=grid><div>{_image(fig, f'conditioning curve of {run.name}')}</div>"
+            f"<div>{_table(header, rows)}</div></div>"
+        )
         trends.append(
             Line(
                 run.name,
@@ -318,6 +332,7 @@ def curve_section(runs: list[Run]) -> str:
         )
     if trends:
         fig = plot_lines(trends, "iteration", "best − worst control (paired)", integer_x=True)
+        parts.append("<h3>Best minus worst control, per iteration</h3>")
         parts.append(_image(fig, "best minus worst control per iteration"))
     return "".join(parts)
 
@@ -389,71 +404,65 @@ def examples_section(runs: list[Run], count: int, per_run: int = 2) -> str:
     )
 
 
-def build_html(runs: list[Run], eval_report: dict | None = None, examples: int = 3) -> str:
-    """The whole page; every image is inline, so it opens anywhere with no network."""
-    heldout = runs[0].final.get("heldout")
-    held = (
-        f"{len(heldout['prompt_ids'])} held-out prompts (sha256 {heldout['prompts_sha256'][:12]})"
-        if isinstance(heldout, dict)
-        else "held-out set not fingerprinted"
-    )
-    sections = [
-        ("evaluation", "Evaluation (final iteration)", eval_table(runs)),
+def metric_plots(runs: list[Run]) -> list[tuple[str, str, str]]:
+    """(id, title, <img>) of the per-run metric plots: each run is one line."""
+    by_iteration = [[e["iteration"] for e in r.evals] for r in runs]
+    frontier = [
+        Line(
+            r.name,
+            [e.get("kl") for e in r.evals],
+            [e.get("reward_mean") for e in r.evals],
+            [e.get("reward_stderr") for e in r.evals],
+            [str(e["iteration"]) for e in r.evals],
+        )
+        for r in runs
+    ]
+    figures = [
         (
             "reward",
             "Held-out reward against samples seen",
-            _image(
-                plot_lines(
-                    [_metric_line(r, r.samples_seen, "reward_mean", "reward_stderr") for r in runs],
-                    "generations sampled for training",
-                    "held-out reward (mean ± SE)",
-                ),
-                "reward against samples seen",
+            plot_lines(
+                [_metric_line(r, r.samples_seen, "reward_mean", "reward_stderr") for r in runs],
+                "generations sampled for training",
+                "held-out reward (mean ± SE)",
             ),
         ),
         (
             "frontier",
             "Reward against KL (labels: iteration)",
-            _image(
-                plot_lines(
-                    [
-                        Line(
-                            r.name,
-                            [e.get("kl") for e in r.evals],
-                            [e.get("reward_mean") for e in r.evals],
-                            [e.get("reward_stderr") for e in r.evals],
-                            [str(e["iteration"]) for e in r.evals],
-                        )
-                        for r in runs
-                    ],
-                    "KL(policy || reference), nats",
-                    "held-out reward",
-                ),
-                "reward against KL",
-            ),
+            plot_lines(frontier, "KL(policy || reference), nats", "held-out reward"),
         ),
     ]
     for key, title, label in (
         ("length", "Length", "length (tokens)"),
         ("ref_perplexity", "Perplexity under the reference", "perplexity"),
     ):
-        lines = [_metric_line(r, [e["iteration"] for e in r.evals], key) for r in runs]
-        fig = plot_lines(lines, "iteration", label, integer_x=True)
-        sections.append((key, title, _image(fig, title)))
-    sections.append(("conditioning", "Conditioning curve", curve_section(runs)))
+        lines = [_metric_line(r, xs, key) for r, xs in zip(runs, by_iteration, strict=True)]
+        figures.append((key, title, plot_lines(lines, "iteration", label, integer_x=True)))
+    return [(key, title, _image(fig, title)) for key, title, fig in figures]
+
+
+def _section(key: str, title: str, content: str) -> str:
+    return f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>'
+
+
+def build_html(runs: list[Run], eval_report: dict | None = None, examples: int = 3) -> str:
+    """The whole page; every image is inline, so it opens anywhere with no network."""
+    held = "Held-out set: " + describe_heldout(runs[0].final.get("heldout"))
+    body = [
+        _section("evaluation", "Evaluation (final iteration)", eval_table(runs)),
+        "<div class=grid>" + "".join(_section(*plot) for plot in metric_plots(runs)) + "</div>",
+        _section("conditioning", "Conditioning curve", curve_section(runs)),
+    ]
     if eval_report is not None:
-        sections.append(
-            ("paired", "Paired comparison (quark-alt eval)", paired_section(eval_report))
+        body.append(
+            _section("paired", "Paired comparison (quark-alt eval)", paired_section(eval_report))
         )
-    sections.append(("examples", "Example generations", examples_section(runs, examples)))
-    body = "".join(
-        f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>'
-        for key, title, content in sections
-    )
+    body.append(_section("examples", "Example generations", examples_section(runs, examples)))
     names = ", ".join(f"{html.escape(r.name)} ({html.escape(r.algorithm)})" for r in runs)
     return (
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         f"<title>quark-alt report</title><style>{STYLE}</style></head><body>"
         f"<h1>quark-alt report</h1><p>Runs: {names}. {held}. {SE_NOTE}</p>"
-        f"{body}</body></html>\n"
+        f"{''.join(body)}</body></html>\n"
     )
