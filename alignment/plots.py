@@ -220,7 +220,7 @@ def plot_lines(lines: Sequence[Line], xlabel: str, ylabel: str, integer_x: bool 
     """
     fig = Figure(figsize=_PANEL_SIZE)
     ax = fig.add_subplot()
-    drawn = False
+    drawn = set()
     for line in lines:
         n = len(line.xs)
         errs = line.errs if line.errs is not None else [None] * n
@@ -240,13 +240,15 @@ def plot_lines(lines: Sequence[Line], xlabel: str, ylabel: str, integer_x: bool 
         for x, y, text in zip(xs, ys, texts, strict=True):
             if text:
                 ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        drawn = True
+        drawn.update(xs)
     if not drawn:
         _note(ax, "nothing recorded to plot")
         return fig
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if integer_x:
+    if integer_x and len(drawn) <= 12:
+        ax.set_xticks(sorted(drawn))  # a tick per point (a lone point gets no fractional axis)
+    elif integer_x:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")

@@ -316,12 +316,12 @@ def curve_section(runs: list[Run]) -> str:
             for i, curve in curves
         ]
         controls = [c["control"] for c in curves[-1][1]["controls"]]
-        header = ["iteration", *controls, "best − worst (paired)", "W/T/L"]
+        header = ["iteration", *(f"control {q}" for q in range(len(controls)))]
+        header += ["best − worst (paired)", "W/T/L"]
+        legend = ", ".join(f"{q} = <code>{html.escape(c)}</code>" for q, c in enumerate(controls))
         parts.append(f"<h3>{html.escape(run.name)} ({html.escape(run.algorithm)})</h3>")
-        parts.append(
-            f"<div class=grid><div>{_image(fig, f'conditioning curve of {run.name}')}</div>"
-            f"<div>{_table(header, rows)}</div></div>"
-        )
+        parts.append(_image(fig, f"conditioning curve of {run.name}"))
+        parts.append(f"<p>Controls: {legend}.</p>" + _table(header, rows))
         trends.append(
             Line(
                 run.name,
