@@ -118,3 +118,48 @@ def prompt_level_summary(per_prompt: Sequence[float | None]) -> dict[str, float 
     """{mean, stderr, n} over prompts of a per-prompt summary (missing prompts skipped)."""
     mean, stderr = mean_and_stderr(per_prompt)
     return {"mean": mean, "stderr": stderr, "n": sum(_finite(v) is not None for v in per_prompt)}
+
+
+def conditioning_curve(
+    controls: Sequence[str],
+    rewards_by_control: Sequence[Sequence[float | None]],
+    samples_per_prompt: int,
+) -> dict:
+    """Held-out reward under each control, and best minus worst paired by prompt.
+
+    A policy that learned its conditioning scores higher under `controls[0]` (best) than under
+    `controls[-1]` (worst) on the same prompts; a flat curve means the controls are ignored.
+
+    Args:
+        controls: the control strings, best first.
+        rewards_by_control: per control, the rewards of its generations, prompt-major with
+            `samples_per_prompt` each, the same prompts in the same order for every control.
+        samples_per_prompt: generations per prompt.
+
+    Returns:
+        {"controls": [{quantile, control, reward_mean, reward_stderr, per_prompt_reward}],
+        "best_minus_worst": PairedDifference.to_dict()}, the mean and SE over prompts.
+
+    Raises:
+        ValueError: if there is not one reward list per control, or on mismatched lengths.
+    """
+    if not controls or len(controls) != len(rewards_by_control):
+        raise ValueError(f"{len(rewards_by_control)} reward lists for {len(controls)} controls")
+    per_control = []
+    for q, (control, rewards) in enumerate(zip(controls, rewards_by_control, strict=True)):
+        means = per_prompt_means(rewards, samples_per_prompt)
+        summary = prompt_level_summary(means)
+        per_control.append(
+            {
+                "quantile": q,
+                "control": control,
+                "reward_mean": summary["mean"],
+                "reward_stderr": summary["stderr"],
+                "per_prompt_reward": means,
+            }
+        )
+    best, worst = per_control[0]["per_prompt_reward"], per_control[-1]["per_prompt_reward"]
+    return {
+        "controls": per_control,
+        "best_minus_worst": paired_difference(worst, best).to_dict(),
+    }

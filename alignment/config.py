@@ -392,6 +392,10 @@ class EvalConfig:
     samples_per_prompt: int = 4
     greedy: bool = True
     """Also decode greedily (one generation per prompt), as ALT validates."""
+    conditioning_curve: bool = True
+    """Reward-conditioned runs (quark, alt-rm): also sample under every control 0..K-1 and log
+    the held-out reward of each and best minus worst, paired by prompt (whether the conditioning
+    was learned). Sampled rewards only: K - 1 more sampling passes of the eval prompts."""
 
 
 SHARED_SECTIONS = ("model", "data", "sampling", "reward", "eval")

@@ -9,6 +9,8 @@ drift indicator).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +19,13 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignment.comparison import conditioning_curve
 from alignment.conditioning import Conditioning
 from alignment.config import Config, SamplingConfig
 from alignment.interfaces import Generation, Sampler, ScoreFn
 from alignment.metrics import distinct_n, mean_and_stderr, mean_perplexity, sequence_kl_estimate
 from alignment.prompts import PromptRow
+from alignment.records import SampleRecord
 from alignment.trainer import encode_prompt, encode_target, target_logprobs
 
 EVAL_SEED_OFFSET = 10_000  # the same eval draws at every iteration, apart from the policy
@@ -89,8 +93,12 @@ def evaluate(
     score: ScoreFn,
     config: Config,
     conditioning: Conditioning | None,
-) -> dict:
-    """Metrics of `policy` on `rows`, conditioned on the best control (None: unconditioned)."""
+) -> tuple[dict, ScoredSamples]:
+    """Metrics of `policy` on `rows`, conditioned on the best control (None: unconditioned).
+
+    Also returns the scored generations the metrics were computed from, for the caller to keep
+    or to reuse as the best control of `sample_conditioning_curve`.
+    """
     scored = sample_and_score(
         sampler,
         rows,
@@ -116,7 +124,65 @@ def evaluate(
         {"prompt_id": r.id, "generation": scored.generations[i * k].text}
         for i, r in enumerate(rows[:3])
     ]
-    return result
+    result["heldout"] = heldout_fingerprint(rows)
+    return result, scored
+
+
+def sample_conditioning_curve(
+    sampler: Sampler,
+    rows: Sequence[PromptRow],
+    score: ScoreFn,
+    conditioning: Conditioning,
+    samples_per_prompt: int,
+    seed: int,
+    best: ScoredSamples | None = None,
+) -> dict:
+    """`comparison.conditioning_curve` of a policy: sampled rewards under every control.
+
+    Every control gets the same prompts and seed, so the controls differ only in the control.
+    Sampled rewards only (no greedy decoding, no likelihoods): the curve costs one sampling
+    pass per control. `best`, the same draws already made for control 0, saves one pass.
+    """
+    rewards = [
+        (
+            best
+            if q == 0 and best is not None
+            else sample_and_score(
+                sampler, rows, score, conditioning, samples_per_prompt, seed, quantile=q
+            )
+        ).rewards
+        for q in range(len(conditioning.controls))
+    ]
+    return conditioning_curve(conditioning.controls, rewards, samples_per_prompt)
+
+
+def heldout_fingerprint(rows: Sequence[PromptRow]) -> dict:
+    """Which held-out prompts an evaluation used, so that reports never compare across sets.
+
+    The sorted prompt ids, and the SHA-256 of the (id, prompt text) pairs in id order: the same
+    ids with other texts (another file, another truncation) give another hash.
+    """
+    pairs = sorted((r.id, r.prompt) for r in rows)
+    digest = hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"prompt_ids": [i for i, _ in pairs], "prompts_sha256": digest}
+
+
+def scored_records(
+    rows: Sequence[PromptRow], scored: ScoredSamples, iteration: int
+) -> list[SampleRecord]:
+    """The scored generations as sample records (one per prompt), to save beside the metrics."""
+    k = scored.samples_per_prompt
+    return [
+        SampleRecord(
+            prompt=r.prompt,
+            id=r.id,
+            iteration=iteration,
+            generations=[g.text for g in scored.generations[i * k : (i + 1) * k]],
+            rewards=scored.rewards[i * k : (i + 1) * k],
+            finish_reasons=[g.finish_reason for g in scored.generations[i * k : (i + 1) * k]],
+        )
+        for i, r in enumerate(rows)
+    ]
 
 
 def likelihood_metrics(

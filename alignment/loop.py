@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +31,12 @@ from alignment.algorithms.best_of_n import write_best_of_n
 from alignment.conditioning import Conditioning
 from alignment.config import Config, SamplingConfig, config_to_dict, dump_config
 from alignment.errors import UserError
-from alignment.evaluation import evaluate
+from alignment.evaluation import (
+    EVAL_SEED_OFFSET,
+    evaluate,
+    sample_conditioning_curve,
+    scored_records,
+)
 from alignment.interfaces import Sampler, ScoreFn
 from alignment.io import atomic_directory, atomic_write, write_jsonl
 from alignment.metrics import summarize_rewards_by_quantile
@@ -46,6 +52,8 @@ SamplerFactory = Callable[[PreTrainedModel, PreTrainedTokenizerBase, SamplingCon
 # Keys that may change between runs of the same run directory without invalidating it.
 RESUMABLE_KEYS = {"iterations", "report_to"}
 TRAINING_STATE = "training_state"
+EVAL_SAMPLES = "eval_samples.jsonl"
+TIMING = "timing.json"
 
 
 def run(config: Config, score: ScoreFn, make_sampler: SamplerFactory) -> list[dict]:
@@ -85,10 +93,12 @@ def _iterate(
     _resume_training_state(algorithm, out)
     conditioning = algorithm.conditioning
 
-    def evaluate_into(path: Path, conditioned: bool, iteration: int) -> None:
+    def evaluate_into(it_dir: Path, conditioned: bool, iteration: int, watch: Stopwatch) -> None:
+        path = it_dir / "eval.json"
         if path.exists():
             return
-        result = evaluate(
+        control = conditioning if conditioned else None
+        result, scored = evaluate(
             sampler,
             models.policy,
             models.reference,
@@ -96,17 +106,31 @@ def _iterate(
             eval_rows,
             score,
             config,
-            conditioning if conditioned else None,
+            control,
         )
+        save_samples(it_dir / EVAL_SAMPLES, scored_records(eval_rows, scored, iteration))
+        watch.lap("eval")
+        if control is not None and config.eval.conditioning_curve:
+            result["conditioning_curve"] = sample_conditioning_curve(
+                sampler,
+                eval_rows,
+                score,
+                control,
+                config.eval.samples_per_prompt,
+                seed=config.seed + EVAL_SEED_OFFSET,
+                best=scored,
+            )
+            watch.lap("conditioning_curve")
         with atomic_write(path) as handle:
             json.dump({"iteration": iteration, **result}, handle, indent=1)
 
-    evaluate_into(out / "iter_000" / "eval.json", conditioned=False, iteration=0)
+    evaluate_into(out / "iter_000", False, 0, Stopwatch(out / "iter_000"))
     if config.algorithm == "best-of-n":  # trains nothing (iterations: 0)
         write_best_of_n(out, sampler, eval_rows, score, config)
     for iteration in range(1, config.iterations + 1):
         it_dir = out / f"iter_{iteration:03d}"
         seed = config.seed + iteration
+        watch = Stopwatch(it_dir)
         # 1. sample: the initial policy has not learned the controls, so it samples without
         #    them; later policies sample conditioned on the best one (an algorithm that
         #    samples itself does 1 and 2 inside its update)
@@ -129,6 +153,7 @@ def _iterate(
                     for r, gs in zip(rows, gens, strict=True)
                 ],
             )
+            watch.lap("sample")
         # 2. score
         scored_path = it_dir / "scored.jsonl"
         if not scored_path.exists() and not algorithm.samples_itself:
@@ -141,14 +166,16 @@ def _iterate(
                 references = {r.id: r.reference or "" for r in train_rows}  # checked at start
                 _subtract_reference(records, references, score)
             save_samples(scored_path, records)
+            watch.lap("score")
         # 3. update (the algorithm's own stages), then checkpoint
         checkpoint = out / "checkpoints" / f"iter_{iteration:03d}"
         if not checkpoint.exists():
             history = algorithm.update(iteration, it_dir, seed, rows)
             write_jsonl(it_dir / "train_log.jsonl", history)
             _save_checkpoint(models, algorithm, checkpoint, config, iteration)
+            watch.lap("update")
         # 4. evaluate, conditioned on the best control
-        evaluate_into(it_dir / "eval.json", conditioned=True, iteration=iteration)
+        evaluate_into(it_dir, True, iteration, watch)
         metrics = _write_metrics(out, config)
         if config.report_to:
             scalars = {f"eval/{k}": v for k, v in metrics[-1].items() if isinstance(v, float)}
@@ -162,6 +189,26 @@ def iteration_prompts(train_rows: list[PromptRow], count: int, seed: int) -> lis
     """The prompts of one iteration: `count` drawn without replacement, seeded per iteration,
     so a resumed run and every algorithm (sampled by the loop or by itself) see the same ones."""
     return random.Random(seed).sample(train_rows, min(count, len(train_rows)))
+
+
+class Stopwatch:
+    """Wall seconds of each stage of one iteration that ran, kept in `it_dir/timing.json`.
+
+    A lap is the time since the previous one (or the start), so call it right after a stage's
+    file is written; a stage skipped on resume keeps the seconds its first run recorded.
+    """
+
+    def __init__(self, it_dir: Path) -> None:
+        self.path = it_dir / TIMING
+        self.start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        seconds = json.loads(self.path.read_text()) if self.path.exists() else {}
+        seconds[stage] = round(now - self.start, 3)
+        with atomic_write(self.path) as handle:
+            json.dump(seconds, handle, indent=1)
+        self.start = time.perf_counter()
 
 
 @contextlib.contextmanager

@@ -11,8 +11,10 @@ nothing to draw still gets written, with a note saying so.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib import colormaps
@@ -74,11 +76,18 @@ def _note(ax: Axes, text: str) -> None:
     ax.set_axis_off()
 
 
-def _save(fig: Figure, path: str | Path) -> None:
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes (e.g. to embed in an HTML page)."""
     FigureCanvasAgg(fig)  # attaches the Agg canvas: PNG rendering without any display
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+def _save(fig: Figure, path: str | Path) -> None:
     with atomic_write(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=_DPI)
+        handle.write(png_bytes(fig))
 
 
 def _draw_rewards(ax: Axes, metrics: Sequence[Mapping[str, object]]) -> None:
@@ -187,3 +196,60 @@ def plot_reward_by_quantile(per_iteration: dict[int, dict[int, float]], path: st
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     _save(fig, path)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One series of a comparison plot; points whose x or y is not finite are skipped.
+
+    `errs` (stderr bars, None: no bars) and `notes` (text beside each point, e.g. its
+    iteration) are per point when given.
+    """
+
+    label: str
+    xs: Sequence[float | None]
+    ys: Sequence[float | None]
+    errs: Sequence[float | None] | None = None
+    notes: Sequence[str] | None = None
+
+
+def plot_lines(lines: Sequence[Line], xlabel: str, ylabel: str, integer_x: bool = False) -> Figure:
+    """One panel with a line per series (a run, an iteration), for comparing them.
+
+    A figure with nothing to draw says so instead of showing empty axes.
+    """
+    fig = Figure(figsize=_PANEL_SIZE)
+    ax = fig.add_subplot()
+    drawn = set()
+    for line in lines:
+        n = len(line.xs)
+        errs = line.errs if line.errs is not None else [None] * n
+        notes = line.notes if line.notes is not None else [""] * n
+        points = [
+            (x, y, _finite(e) or 0.0, note)
+            for x, y, e, note in zip(
+                map(_finite, line.xs), map(_finite, line.ys), errs, notes, strict=True
+            )
+            if x is not None and y is not None
+        ]
+        if not points:
+            continue
+        xs, ys, es, texts = zip(*points, strict=True)
+        bars = es if line.errs is not None else None
+        ax.errorbar(xs, ys, yerr=bars, marker="o", capsize=3, label=line.label)
+        for x, y, text in zip(xs, ys, texts, strict=True):
+            if text:
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        drawn.update(xs)
+    if not drawn:
+        _note(ax, "nothing recorded to plot")
+        return fig
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if integer_x and len(drawn) <= 12:
+        ax.set_xticks(sorted(drawn))  # a tick per point (a lone point gets no fractional axis)
+    elif integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return fig

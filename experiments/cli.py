@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("experiments.commands.merge", "join the files of a --shard i/n fan-out into one"),
     "generate": ("experiments.commands.generate", "generate conditioned on _QUANTILE_TOKEN_0_"),
     "eval": ("experiments.commands.eval", "compare policies on held-out prompts (paired)"),
+    "report": ("experiments.commands.report", "one self-contained HTML page comparing runs"),
     "train-rm": ("rewards.train_rm", "train a reward model from preference pairs"),
     "config": ("experiments.commands.config", "print a resolved training config"),
 }

@@ -24,7 +24,12 @@ from alignment.comparison import (
 from alignment.conditioning import Conditioning
 from alignment.config import BestOfNConfig, EvalConfig, SamplingConfig, TrainConfig
 from alignment.errors import UserError
-from alignment.evaluation import likelihood_metrics, sample_and_score, sample_metrics
+from alignment.evaluation import (
+    likelihood_metrics,
+    sample_and_score,
+    sample_conditioning_curve,
+    sample_metrics,
+)
 from alignment.io import atomic_write
 from alignment.loop import latest_checkpoint
 from alignment.models import load_model_and_tokenizer, load_tokenizer
@@ -270,30 +275,9 @@ def _evaluate_policy(
         metrics["win_rate_vs_references"] = prompt_level_summary(wins)
     curve = None
     if args.conditioning_curve and conditioning is not None:
-        per_control = []
-        for q, control in enumerate(conditioning.controls):
-            if q == 0:
-                q_means = means  # the best control is what was just evaluated
-            else:
-                again = sample_and_score(
-                    sampler, rows, reward.score, conditioning, k, seed=args.seed, quantile=q
-                )
-                q_means = per_prompt_means(again.rewards, k)
-            summary = prompt_level_summary(q_means)
-            per_control.append(
-                {
-                    "quantile": q,
-                    "control": control,
-                    "reward_mean": summary["mean"],
-                    "reward_stderr": summary["stderr"],
-                    "per_prompt_reward": q_means,
-                }
-            )
-        worst = per_control[-1]["per_prompt_reward"]
-        curve = {
-            "controls": per_control,
-            "best_minus_worst": paired_difference(worst, means).to_dict(),
-        }
+        curve = sample_conditioning_curve(
+            sampler, rows, reward.score, conditioning, k, seed=args.seed, best=scored
+        )
     best_of_n = None
     if args.best_of_n:
         pool = max(args.best_of_n)

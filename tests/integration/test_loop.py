@@ -22,9 +22,11 @@ from alignment.conditioning import (
     quantile_token,
 )
 from alignment.config import SamplingConfig, load_config
+from alignment.evaluation import heldout_fingerprint
 from alignment.loop import run
 from alignment.models import load_model_and_tokenizer
 from alignment.prompts import load_prompts
+from alignment.records import load_samples
 from experiments.cli import main
 from samplers import HFSampler
 
@@ -117,6 +119,20 @@ def test_run_directory_layout_and_rerun_is_a_no_op(tmp_path, toy):
     ]:
         assert (out / name).is_file(), name
     assert "git_revision" in json.loads((out / "state.json").read_text())
+    # the eval logs the conditioning curve, the held-out set and its generations; stage times
+    assert "conditioning_curve" not in json.loads((out / "iter_000" / "eval.json").read_text())
+    evaluated = json.loads((out / "iter_001" / "eval.json").read_text())
+    curve = evaluated["conditioning_curve"]
+    assert [c["control"] for c in curve["controls"]] == [quantile_token(q) for q in range(5)]
+    saved = load_samples(out / "iter_001" / "eval_samples.jsonl")  # control 0's draws
+    assert curve["controls"][0]["per_prompt_reward"] == pytest.approx(
+        [sum(r.rewards) / len(r.rewards) for r in saved]
+    )
+    assert curve["best_minus_worst"]["n"] == len(saved) == 8
+    assert evaluated["heldout"] == heldout_fingerprint(load_prompts(toy[1])[-8:])
+    timing = json.loads((out / "iter_001" / "timing.json").read_text())
+    assert set(timing) == {"sample", "score", "update", "eval", "conditioning_curve"}
+    assert main(["report", str(out), "-o", str(tmp_path / "report.html")]) == 0
     checkpoint = out / "checkpoints" / "iter_001"
     card = (checkpoint / "README.md").read_text()
     assert "_QUANTILE_TOKEN_0_" in card and "quark-alt generate" in card
@@ -146,11 +162,15 @@ def test_tensorboard_tracker_gets_the_metrics(tmp_path, toy):
 
 def test_train_cli_prints_the_table(tmp_path, toy, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE))
-    rc = train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1")
+    rc = train_cli(
+        tmp_path, toy, "iterations=1", "train.num_epochs=1", "eval.conditioning_curve=false"
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "reward (sampled)" in out and "ref ppl" in out
     assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 2
+    evaluated = json.loads((tmp_path / "run" / "iter_001" / "eval.json").read_text())
+    assert "conditioning_curve" not in evaluated and "reward_mean" in evaluated  # switched off
 
 
 def test_refuses_a_run_directory_of_another_config(tmp_path, toy, capsys, monkeypatch):
@@ -302,6 +322,7 @@ def test_rft_trains_on_the_best_quantile_without_conditioning(tmp_path, toy):
         )
     # iteration 2 samples unconditioned: the stored generations never saw a control token
     assert "_QUANTILE_TOKEN_" not in (out / "iter_002" / "samples.jsonl").read_text()
+    assert "conditioning_curve" not in json.loads((out / "iter_002" / "eval.json").read_text())
 
 
 def test_alt_rm_conditions_on_feedback_text_without_new_tokens(tmp_path, toy):
@@ -320,6 +341,8 @@ def test_alt_rm_conditions_on_feedback_text_without_new_tokens(tmp_path, toy):
     assert conditioning.condition("P") == "Excellent. input: P"
     # all 5 quantiles x 2 samples of 40 prompts train, each under its own phrase
     assert len((out / "iter_001" / "train_log.jsonl").read_text().splitlines()) == 7
+    curve = json.loads((out / "iter_002" / "eval.json").read_text())["conditioning_curve"]
+    assert curve["controls"][4]["control"] == "Horrible. input: "
 
 
 def test_a_run_that_fails_at_start_up_does_not_claim_its_directory(

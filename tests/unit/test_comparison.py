@@ -7,6 +7,7 @@ import math
 import pytest
 
 from alignment.comparison import (
+    conditioning_curve,
     paired_difference,
     per_prompt_means,
     prompt_level_summary,
@@ -83,3 +84,40 @@ def test_prompt_level_summary_by_hand():
     assert summary["mean"] == pytest.approx(0.3)
     assert summary["stderr"] == pytest.approx(0.2 / math.sqrt(3))
     assert summary["n"] == 3
+
+
+def test_conditioning_curve_by_hand():
+    # 3 prompts x 2 samples per control; per-prompt means
+    #   best  [1, 3 | 2, 2 | 0, 1]      -> [2.0, 2.0, 0.5]
+    #   mid   [0, 1 | None, 2 | 1, 1]   -> [0.5, 2.0, 1.0] (the missing reward is skipped)
+    #   worst [0, 0 | 1, 1 | 0.5, 0.5]  -> [0.0, 1.0, 0.5]
+    curve = conditioning_curve(
+        ["best", "mid", "worst"],
+        [
+            [1.0, 3.0, 2.0, 2.0, 0.0, 1.0],
+            [0.0, 1.0, None, 2.0, 1.0, 1.0],
+            [0.0, 0.0, 1.0, 1.0, 0.5, 0.5],
+        ],
+        2,
+    )
+    best, mid, worst = curve["controls"]
+    assert [c["quantile"] for c in curve["controls"]] == [0, 1, 2]
+    assert [c["control"] for c in curve["controls"]] == ["best", "mid", "worst"]
+    assert best["per_prompt_reward"] == [2.0, 2.0, 0.5]
+    assert mid["per_prompt_reward"] == [0.5, 2.0, 1.0]
+    assert worst["per_prompt_reward"] == [0.0, 1.0, 0.5]
+    # best: mean 1.5, deviations [0.5, 0.5, -1], variance 1.5 / 2, SE sqrt(0.75 / 3) = 0.5
+    assert best["reward_mean"] == pytest.approx(1.5)
+    assert best["reward_stderr"] == pytest.approx(0.5)
+    assert mid["reward_mean"] == pytest.approx(3.5 / 3)
+    # best - worst per prompt [2, 1, 0]: mean 1, variance 1, SE sqrt(1 / 3); W/T/L 2/1/0
+    assert curve["best_minus_worst"] == {
+        "mean": pytest.approx(1.0),
+        "stderr": pytest.approx(math.sqrt(1 / 3)),
+        "n": 3,
+        "wins": 2,
+        "ties": 1,
+        "losses": 0,
+    }
+    with pytest.raises(ValueError, match="2 reward lists for 3 controls"):
+        conditioning_curve(["a", "b", "c"], [[1.0], [2.0]], 1)
