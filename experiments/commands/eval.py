@@ -8,8 +8,11 @@ the K samples of a prompt are not independent.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -193,13 +196,38 @@ def run(args: argparse.Namespace) -> int:
         )
         reference_model.requires_grad_(False)
 
+    settings = {
+        "prompts": str(args.prompts),
+        "num_prompts": len(rows),
+        "limit": args.limit,
+        "samples_per_prompt": k,
+        "seed": args.seed,
+        "reward": args.reward,
+        "reward_options": reward_options(args.reward_arg),
+        "reference": reference_name if use_reference else None,
+        "vs_references": vs_refs,
+        "no_condition": args.no_condition,
+        "conditioning_curve": args.conditioning_curve,
+        "best_of_n": args.best_of_n,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+        "sampling": asdict(cfg),
+    }
+    done = Path(f"{args.out}.parts")  # each finished policy, so a killed eval resumes
     results: list[dict] = []
     baseline_means: list[float | None] | None = None
     for name, path, conditioning in zip(args.policies, paths, conditionings, strict=True):
-        result = _evaluate_policy(
-            name, path, conditioning, rows, reward, cfg, args, reference_model,
-            reference_tokenizer, reference_name, reference_rewards,
-        )  # fmt: skip
+        part = done / _part_name(name, path, settings, rows)
+        if part.is_file():
+            result = json.loads(part.read_text())
+            print(f"{name}: reusing its finished evaluation {part}", file=sys.stderr)
+        else:
+            result = _evaluate_policy(
+                name, path, conditioning, rows, reward, cfg, args, reference_model,
+                reference_tokenizer, reference_name, reference_rewards,
+            )  # fmt: skip
+            with atomic_write(part) as handle:
+                json.dump(result, handle)
         means = result.pop("_per_prompt")
         if baseline_means is None:
             baseline_means = means
@@ -212,31 +240,21 @@ def run(args: argparse.Namespace) -> int:
         if result["best_of_n"]:
             print(format_best_of_n(result["best_of_n"]))
 
-    report = {
-        "settings": {
-            "prompts": str(args.prompts),
-            "num_prompts": len(rows),
-            "limit": args.limit,
-            "samples_per_prompt": k,
-            "seed": args.seed,
-            "reward": args.reward,
-            "reward_options": reward_options(args.reward_arg),
-            "reference": reference_name if use_reference else None,
-            "vs_references": vs_refs,
-            "no_condition": args.no_condition,
-            "conditioning_curve": args.conditioning_curve,
-            "best_of_n": args.best_of_n,
-            "dtype": args.dtype,
-            "batch_size": args.batch_size,
-            "sampling": asdict(cfg),
-        },
-        "policies": results,
-    }
+    report = {"settings": settings, "policies": results}
     with atomic_write(args.out) as handle:
         json.dump(_nan_to_none(report), handle, indent=1, ensure_ascii=False)
         handle.write("\n")
+    shutil.rmtree(done, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0
+
+
+def _part_name(name: str, path: str, settings: dict, rows: list[PromptRow]) -> str:
+    """A finished policy's file: its checkpoint, the settings and the prompts decide it, so a
+    resumed eval reuses exactly the results it would recompute (a newer checkpoint does not)."""
+    key = json.dumps([str(Path(path).resolve()), settings, [r.prompt for r in rows]], default=str)
+    slug = "".join(c if c.isalnum() else "_" for c in name)[-40:]
+    return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _evaluate_policy(

@@ -230,3 +230,38 @@ def test_best_of_n_from_the_eval_samples_and_from_its_own_pool(
     capsys.readouterr()
     assert run_eval(d, *common, "--best-of-n", "0", "2", "--out", str(out)) == 2
     assert "--best-of-n: best_of_n.n must be distinct integers >= 1" in one_line_error(capsys)
+
+
+def test_a_killed_eval_resumes_from_its_finished_policies(
+    tmp_path, tiny_model_dir, conditioned_dir, prompts, reward, monkeypatch
+):
+    import experiments.commands.eval as eval_command
+
+    out = tmp_path / "eval.json"
+    argv = [str(tiny_model_dir), str(conditioned_dir), "--prompts", str(prompts)]
+    argv += ["--reward", reward, "-k", "2", "--out", str(out)]
+    evaluated: list[str] = []
+    real = eval_command._evaluate_policy
+    kills = [1]
+
+    def evaluate_then_die(name, *args, **kwargs):
+        evaluated.append(name)
+        if name == str(conditioned_dir) and kills:
+            kills.pop()
+            raise RuntimeError("killed")  # while evaluating the second policy
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(eval_command, "_evaluate_policy", evaluate_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_eval(*argv)
+    assert not out.exists() and len(list(Path(f"{out}.parts").iterdir())) == 1
+    assert run_eval(*argv) == 0
+    assert evaluated == [str(tiny_model_dir), str(conditioned_dir), str(conditioned_dir)]
+    report = json.loads(out.read_text())
+    assert [p["path"] for p in report["policies"]] == [str(tiny_model_dir), str(conditioned_dir)]
+    assert report["policies"][1]["paired_vs_baseline"]["n"] == 3
+    assert not Path(f"{out}.parts").exists()  # a finished eval leaves only its report
+    # other settings are another evaluation: nothing is reused from it
+    evaluated.clear()
+    assert run_eval(*argv[:-2], "--out", str(out), "--seed", "4") == 0
+    assert evaluated == [str(tiny_model_dir), str(conditioned_dir)]
