@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from unittest import mock
 
@@ -49,6 +50,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from bench_sampling import DEFAULT_DATA, ROOT, run_generate
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment import trainer
 from alignment.algorithms import ALGORITHMS
@@ -102,7 +104,9 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def select_prompts(path: str, tokenizer, num: int, max_tokens: int) -> list[PromptRow]:
+def select_prompts(
+    path: str, tokenizer: PreTrainedTokenizerBase, num: int, max_tokens: int
+) -> list[PromptRow]:
     """The first `num` prompts of `path` of at most `max_tokens` tokens (as the sampler encodes)."""
     chosen = []
     for row in load_prompts(path):
@@ -113,13 +117,20 @@ def select_prompts(path: str, tokenizer, num: int, max_tokens: int) -> list[Prom
     raise SystemExit(f"{path}: only {len(chosen)} prompts of at most {max_tokens} tokens")
 
 
-def plain_target_logits(model, prompts, targets, pad_id, min_fraction=0.5):
-    """The trainer's forward without prompt sharing: `collate` + `target_logits`."""
+def plain_target_logits(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    pad_id: int,
+    min_fraction: float = 0.5,
+) -> tuple[torch.Tensor, trainer.Batch]:
+    """The trainer's forward without prompt sharing: `collate` + `target_logits`; the signature
+    of `prefix_sharing.shared_prefix_target_logits`, which it stands in for."""
     batch = trainer.collate(prompts, targets, pad_id)
     return trainer.target_logits(model, batch), batch
 
 
-def load_policy(config: Config):
+def load_policy(config: Config) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, float]:
     """The policy as the loop's first iteration has it: control tokens added, eval mode."""
     start = time.perf_counter()
     policy, tokenizer = load_model_and_tokenizer(
