@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from types import UnionType
@@ -14,6 +14,18 @@ import yaml
 from alignment.conditioning import Placement
 from alignment.errors import UserError
 from alignment.losses import KLDirection
+
+Check = tuple[float, str, Callable[[float], bool]]
+
+
+def refuse_out_of_range(section: str, checks: dict[str, Check]) -> None:
+    """Raise for the first `name: (value, rule, ok)` whose value is not finite or not `ok`.
+
+    Written so that NaN fails too: every comparison with NaN is false.
+    """
+    for name, (value, rule, ok) in checks.items():
+        if not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"{section}.{name} must be {rule}, got {value}")
 
 
 @dataclass
@@ -228,9 +240,7 @@ class TrainConfig:
             checks[f"adam_betas[{i}]"] = (beta, "in [0, 1)", lambda v: 0 <= v < 1)
         if self.max_grad_norm is not None:
             checks["max_grad_norm"] = (self.max_grad_norm, "> 0 (or null)", lambda v: v > 0)
-        for name, (value, rule, ok) in checks.items():
-            if not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"train.{name} must be {rule}, got {value}")
+        refuse_out_of_range("train", checks)
         if self.lora is not None:
             if self.unfrozen_layers_ratio != UNFROZEN_LAYERS_RATIO:
                 raise ValueError(
@@ -303,9 +313,7 @@ class PPOConfig:
             value = getattr(self, name)
             if value is not None:
                 checks[name] = (value, "> 0 (or null)", lambda v: v > 0)
-        for name, (value, rule, ok) in checks.items():
-            if not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"ppo.{name} must be {rule}, got {value}")
+        refuse_out_of_range("ppo", checks)
 
 
 @dataclass
@@ -359,9 +367,7 @@ class GroupRLConfig:
             "prompts_per_step": (self.prompts_per_step, ">= 1", lambda v: v >= 1),
             "batch_size": (self.batch_size, ">= 1", lambda v: v >= 1),
         }
-        for name, (value, rule, ok) in checks.items():
-            if not (math.isfinite(value) and ok(value)):
-                raise ValueError(f"{self.section}.{name} must be {rule}, got {value}")
+        refuse_out_of_range(self.section, checks)
 
 
 @dataclass
