@@ -3,6 +3,8 @@ conditioning it trains with, and its config section."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from alignment.algorithms.alt_feedback import choose_exemplar, feedback_counts, with_feedback
@@ -125,3 +127,24 @@ def test_feedback_provider_errors_name_the_key(overrides, message):
 def test_feedback_provider_belongs_to_alt_feedback_only():
     with pytest.raises(UserError, match="'feedback_provider' belongs to alt-feedback"):
         load_config(None, ["feedback_provider.model=x"])
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+
+def test_published_alt_setups():
+    lmu = load_config(CONFIGS / "tldr_gptj_alt_lmu.yaml")
+    fp = lmu.feedback_provider
+    assert lmu.algorithm == "alt-feedback" and lmu.data.samples_per_prompt == 20
+    assert (fp.kind, fp.model, fp.temperature, fp.api_key_env, fp.parser) == (
+        "chat",
+        "gpt-3.5-turbo-0125",
+        0.0,
+        "OPENAI_API_KEY",
+        "alt",
+    )
+    assert lmu.pool.num_samples_per_quantile == 2 and lmu.pool.drop_factor == 1.0
+    rm = load_config(CONFIGS / "tldr_gptj_alt_rm.yaml")
+    assert rm.algorithm == "alt-rm" and rm.data.samples_per_prompt == 96
+    assert rm.feedback.phrases == ["Excellent.", "Good.", "Mediocre.", "Bad.", "Horrible."]
+    assert rm.pool.num_quantiles == 5 and rm.train.kl_coef == 0.0
