@@ -12,7 +12,8 @@ from alignment.conditioning import Conditioning
 from alignment.config import load_config
 from alignment.errors import UserError
 from alignment.records import SampleRecord
-from rewards.feedback import Feedback
+from experiments.commands.train import build_feedback
+from rewards.feedback import STEERLM_HH_TEXTS, Feedback, HFFeedback
 
 
 def records() -> list[SampleRecord]:
@@ -148,3 +149,27 @@ def test_published_alt_setups():
     assert rm.algorithm == "alt-rm" and rm.data.samples_per_prompt == 96
     assert rm.feedback.phrases == ["Excellent.", "Good.", "Mediocre.", "Bad.", "Horrible."]
     assert rm.pool.num_quantiles == 5 and rm.train.kl_coef == 0.0
+
+
+def test_build_feedback_from_the_section(tiny_model_dir):
+    steer = load_config(
+        None,
+        [
+            "algorithm=alt-feedback",
+            "feedback_provider.parser=steerlm",
+            "feedback_provider.prompt='{prompt} -> {completion}'",
+        ],
+    )
+    built = build_feedback(steer)
+    assert built.max_score == 3 and built.texts == tuple(STEERLM_HH_TEXTS.values())
+    local = load_config(
+        None,
+        [
+            "algorithm=alt-feedback",
+            "feedback_provider.kind=hf",
+            f"feedback_provider.model={tiny_model_dir}",
+            "model.device=cpu",
+        ],
+    )
+    built = build_feedback(local)
+    assert isinstance(built.provider, HFFeedback) and (built.max_score, built.texts) == (3, None)
