@@ -7,6 +7,9 @@ inputs, evaluation and `quark-alt generate`. The string a policy sees at trainin
 exactly the one it sees at inference: a stray space or a different position is a different input
 to the model, and a conditioned policy then silently behaves like an unconditioned one.
 A checkpoint stores its `Conditioning` as JSON, so inference conditions it the way it was trained.
+ALT-LMU, ALT-LMC and SteerLM train each item on its own feedback text rather than on a quantile:
+their `Conditioning` also holds the `template` that item texts are written into, and its
+controls are that template filled with the feedback aimed for (the exemplar first).
 """
 
 from __future__ import annotations
@@ -133,17 +136,31 @@ class Conditioning:
 
     `kind="tokens"`: the controls are new tokens that `prepare` adds to tokenizer and model
     (Quark). `kind="text"`: the controls are ordinary text and nothing is added (ALT).
+    `template` (text only, holding `{feedback}`): training items carry their own feedback
+    text, written into it (`condition(prompt, feedback=...)`); the controls are what sampling
+    and evaluation use, filled in the same way.
     """
 
     kind: ConditioningKind
     controls: tuple[str, ...]
     placement: Placement = "prefix"
+    template: str | None = None
 
     def __post_init__(self) -> None:
         if not self.controls:
             raise ValueError("a conditioning needs at least one control string")
         if self.placement not in ("prefix", "suffix"):
             raise ValueError(f"unknown placement {self.placement!r}; use 'prefix' or 'suffix'")
+        if self.template is not None and (self.kind != "text" or "{feedback}" not in self.template):
+            raise ValueError("a conditioning template is text holding '{feedback}'")
+
+    @classmethod
+    def feedback_texts(
+        cls, template: str, texts: tuple[str, ...], placement: Placement = "prefix"
+    ) -> Conditioning:
+        """Per-item text conditioning; `texts` are the feedback to sample with, best first."""
+        controls = tuple(template.format(feedback=t) for t in texts)
+        return cls("text", controls, placement, template)
 
     @classmethod
     def quantile_tokens(cls, num_quantiles: int, placement: Placement = "prefix") -> Conditioning:
@@ -153,8 +170,13 @@ class Conditioning:
     def best(self) -> str:
         return self.controls[0]
 
-    def condition(self, prompt: str, quantile: int = 0) -> str:
-        """The raw prompt conditioned on quantile `quantile` (default: the best)."""
+    def condition(self, prompt: str, quantile: int = 0, feedback: str | None = None) -> str:
+        """The raw prompt conditioned on quantile `quantile` (default: the best), or on the
+        item's own `feedback` text when there is a template."""
+        if feedback is not None:
+            if self.template is None:
+                raise ValueError("this conditioning is keyed by quantile: it has no template")
+            return condition_prompt(prompt, self.template.format(feedback=feedback), self.placement)
         if not 0 <= quantile < len(self.controls):
             raise ValueError(f"quantile {quantile} outside [0, {len(self.controls)})")
         return condition_prompt(prompt, self.controls[quantile], self.placement)
@@ -187,7 +209,9 @@ class Conditioning:
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                saved = cls(data["kind"], tuple(data["controls"]), data["placement"])
+                saved = cls(
+                    data["kind"], tuple(data["controls"]), data["placement"], data.get("template")
+                )
             except (ValueError, KeyError, TypeError) as err:
                 raise UserError(f"{path}: not a valid conditioning file ({err})") from err
             if not saved.is_ready(tokenizer):  # the controls would be split into sub-words

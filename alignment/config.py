@@ -143,6 +143,104 @@ class FeedbackConfig:
     """The control text of a phrase, placed at conditioning.placement."""
 
 
+FEEDBACK_TEMPLATES = {"alt": "feedback: {feedback} input: ", "categories": "{feedback}.\n\n"}
+"""ALT's inputs: `feedback: <text> input: <prompt>` (LMU) and `<category>.\n\n<prompt>` (LMC and
+SteerLM, whose attribute strings take the category's place)."""
+
+
+@dataclass
+class FeedbackProviderConfig:
+    """alt-feedback: who writes the feedback (an LLM), how its reply is read, what trains.
+
+    ALT-LMU's defaults: gpt-3.5-turbo-0125 at temperature 0 through an OpenAI-compatible
+    endpoint, asked `rewards.feedback.ALT_SUMMARY_PROMPT`, the reply read as Analysis /
+    Feedback / Score 0..3. The category labels and SteerLM attribute strings default to the
+    presets in rewards/feedback.py (ALT-LMC's Anthropic HH categories).
+    """
+
+    kind: Literal["hf", "chat"] = "chat"
+    """chat: an OpenAI-compatible endpoint (cached, retried); hf: a local causal or seq2seq
+    model, greedy."""
+    model: str = "gpt-3.5-turbo-0125"
+    base_url: str = "https://api.openai.com/v1"
+    """chat only: the API root."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """chat only: NAME of the environment variable holding the key; null sends none."""
+    cache_dir: str | None = None
+    """chat only: cached replies; null = `<out_dir>/feedback_cache`."""
+    max_workers: int = 8
+    timeout: float = 60.0
+    max_retries: int = 5
+    temperature: float = 0.0
+    """chat only (hf decodes greedily); ALT: 0."""
+    max_new_tokens: int = 256
+    """Reply length (chat: max_tokens); ALT-LMU's three answers take ~100 tokens."""
+    batch_size: int = 8
+    """hf only: replies generated together."""
+    line_breaks: bool = False
+    """hf only: flan-t5-dolly's `<_LB_>` / `<_T_>` convention for newlines and tabs."""
+    parser: Literal["alt", "categories", "steerlm"] = "alt"
+    """alt: ALT-LMU's reply; categories: one of `categories` (ALT-LMC); steerlm: a category
+    mapped to its attribute string."""
+    categories: list[str] | None = None
+    """Category labels, best first; null = ALT-LMC's HH categories."""
+    attributes: list[str] | None = None
+    """steerlm: each category's attribute string (`harmful:0,helpful:2`), in `categories`
+    order; null = SteerLM's HH strings."""
+    prompt: str | None = None
+    """The request, with `{prompt}` and `{completion}`; null = ALT-LMU's summary prompt (parser
+    alt only: ALT-LMC's few-shot prompt is not shipped)."""
+    system: str | None = None
+    """System message sent with `prompt`."""
+    template: str | None = None
+    """The policy's condition, with `{feedback}`; null = FEEDBACK_TEMPLATES by parser."""
+    exemplar: str | None = None
+    """The feedback sampled and evaluated with from iteration 2 on; null = the best category,
+    or for free text the most frequent top-score feedback of iteration 1 (docs/algorithm.md)."""
+
+    @property
+    def condition_template(self) -> str:
+        if self.template is not None:
+            return self.template
+        return FEEDBACK_TEMPLATES["alt" if self.parser == "alt" else "categories"]
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_workers": self.max_workers,
+            "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"feedback_provider.{name} must be >= 1, got {value}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"feedback_provider.timeout must be > 0, got {self.timeout}")
+        if self.max_retries < 0:
+            raise ValueError(f"feedback_provider.max_retries must be >= 0, got {self.max_retries}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"feedback_provider.temperature must be >= 0, got {self.temperature}")
+        if self.parser != "alt" and self.prompt is None:
+            raise ValueError(
+                f"feedback_provider.prompt is required with parser {self.parser} (the shipped "
+                "prompt asks for ALT-LMU's Analysis / Feedback / Score reply)"
+            )
+        if self.parser == "alt" and (self.categories is not None or self.attributes is not None):
+            raise ValueError("feedback_provider.categories and .attributes need parser categories")
+        if self.attributes is not None and self.parser != "steerlm":
+            raise ValueError("feedback_provider.attributes needs parser steerlm")
+        if (self.attributes is None) != (self.categories is None) and self.parser == "steerlm":
+            raise ValueError(
+                "feedback_provider.categories and .attributes go together with parser steerlm "
+                "(one attribute string per category), or neither for the HH presets"
+            )
+        if self.attributes is not None and len(self.attributes) != len(self.categories or []):
+            raise ValueError("feedback_provider.attributes needs one string per category")
+        if "{feedback}" not in self.condition_template:
+            raise ValueError("feedback_provider.template must contain '{feedback}'")
+        if self.exemplar is not None and not self.exemplar.strip():
+            raise ValueError("feedback_provider.exemplar must be non-empty (or null)")
+
+
 @dataclass
 class LoraConfig:
     """LoRA adapters through peft for the conditional trainer (`train.lora`; null = off).
@@ -409,6 +507,7 @@ ALGORITHM_SECTIONS: dict[str, tuple[str, ...]] = {
     "quark": ("pool", "conditioning", "train"),
     "rft": ("pool", "train"),
     "alt-rm": ("pool", "conditioning", "feedback", "train"),
+    "alt-feedback": ("pool", "conditioning", "feedback_provider", "train"),
     "ppo": ("ppo",),
     "best-of-n": ("best_of_n",),
     "grpo": ("grpo",),
@@ -423,9 +522,10 @@ class Config:
     """A whole run. YAML files and `key=value` overrides hold only what differs from here."""
 
     algorithm: str = "quark"
-    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm, ppo,
-    grpo, rloo (the last two through trl), best-of-n (no training: reward and KL of the best of
-    N samples, iterations 0)."""
+    """One of ALGORITHM_SECTIONS: quark, rft (rejection-sampling fine-tuning), alt-rm,
+    alt-feedback (ALT-LMU / ALT-LMC / SteerLM: trained on LLM feedback), ppo, grpo, rloo (the
+    last two through trl), best-of-n (no training: reward and KL of the best of N samples,
+    iterations 0)."""
     out_dir: str = "runs/demo"
     iterations: int = 3
     seed: int = 42
@@ -438,6 +538,7 @@ class Config:
     pool: PoolConfig = field(default_factory=PoolConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    feedback_provider: FeedbackProviderConfig = field(default_factory=FeedbackProviderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
@@ -482,6 +583,14 @@ class Config:
                 )
             if "{phrase}" not in self.feedback.template:
                 raise ValueError("feedback.template must contain '{phrase}'")
+        if self.algorithm == "alt-feedback" and (
+            self.pool.num_quantiles != PoolConfig.num_quantiles
+            or self.pool.scope != PoolConfig.scope
+        ):
+            raise ValueError(
+                "pool.num_quantiles and pool.scope are not read by alt-feedback: its buckets are "
+                "the feedback scores (num_samples_per_quantile is taken per score)"
+            )
         if self.algorithm in ("grpo", "rloo"):
             self._check_group_batches(self.grpo if self.algorithm == "grpo" else self.rloo)
         if not 0.0 <= self.pool.drop_factor <= 1.0:

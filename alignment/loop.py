@@ -37,7 +37,7 @@ from alignment.evaluation import (
     sample_conditioning_curve,
     scored_records,
 )
-from alignment.interfaces import Sampler, ScoreFn
+from alignment.interfaces import FeedbackFn, Sampler, ScoreFn
 from alignment.io import atomic_directory, atomic_write, write_jsonl
 from alignment.metrics import summarize_rewards_by_quantile
 from alignment.models import load_model_and_tokenizer, quantization_config
@@ -56,8 +56,16 @@ EVAL_SAMPLES = "eval_samples.jsonl"
 TIMING = "timing.json"
 
 
-def run(config: Config, score: ScoreFn, make_sampler: SamplerFactory) -> list[dict]:
-    """Run (or resume) every iteration of `config`; returns the per-iteration metrics."""
+def run(
+    config: Config,
+    score: ScoreFn,
+    make_sampler: SamplerFactory,
+    feedback: FeedbackFn | None = None,
+) -> list[dict]:
+    """Run (or resume) every iteration of `config`; returns the per-iteration metrics.
+
+    `feedback` is the LLM feedback that alt-feedback trains on (no other algorithm takes one).
+    """
     out = Path(config.out_dir)
     with _run_dir_lock(out):
         _check_same_config(out, config)
@@ -66,7 +74,7 @@ def run(config: Config, score: ScoreFn, make_sampler: SamplerFactory) -> list[di
         models = _load_models(config, out, factory.conditioning_for(config))
         # Only now, with config, prompts and models known good, does the directory become a run.
         _claim_run_dir(out, config)
-        return _iterate(config, out, score, make_sampler, models, train_rows, eval_rows)
+        return _iterate(config, out, score, make_sampler, models, train_rows, eval_rows, feedback)
 
 
 def _iterate(
@@ -77,6 +85,7 @@ def _iterate(
     models: Models,
     train_rows: list[PromptRow],
     eval_rows: list[PromptRow],
+    feedback: FeedbackFn | None = None,
 ) -> list[dict]:
     accelerator = Accelerator(
         cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
@@ -89,15 +98,17 @@ def _iterate(
         }
         accelerator.init_trackers("quark-alt", config=hparams)
     sampler = make_sampler(models.policy, models.tokenizer, config.sampling)
-    algorithm = ALGORITHMS[config.algorithm](config, models, accelerator, score)
+    extra = {"feedback": feedback} if feedback is not None else {}
+    algorithm = ALGORITHMS[config.algorithm](config, models, accelerator, score, **extra)
     _resume_training_state(algorithm, out)
-    conditioning = algorithm.conditioning
+    # `algorithm.conditioning` is read where it is used: alt-feedback fixes its exemplar during
+    # iteration 1's update
 
     def evaluate_into(it_dir: Path, conditioned: bool, iteration: int, watch: Stopwatch) -> None:
         path = it_dir / "eval.json"
         if path.exists():
             return
-        control = conditioning if conditioned else None
+        control = algorithm.conditioning if conditioned else None
         result, scored = evaluate(
             sampler,
             models.policy,
@@ -137,7 +148,7 @@ def _iterate(
         rows = iteration_prompts(train_rows, config.data.prompts_per_iteration, seed)
         samples_path = it_dir / "samples.jsonl"
         if not samples_path.exists() and not algorithm.samples_itself:
-            control = conditioning if iteration > 1 else None
+            control = algorithm.conditioning if iteration > 1 else None
             texts = [control.condition(r.prompt) if control else r.prompt for r in rows]
             gens = sampler.sample(texts, config.data.samples_per_prompt, seed=seed)
             save_samples(

@@ -297,7 +297,7 @@ class ConditionalTrainer:
 
     def _encode(self, item: TrainItem) -> tuple[list[int], list[int], list[int]]:
         conditioned = (
-            self.conditioning.condition(item.prompt, item.quantile)
+            self.conditioning.condition(item.prompt, item.quantile, item.feedback)
             if self.conditioning is not None
             else item.prompt
         )

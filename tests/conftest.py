@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from chat_server import CannedServer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
@@ -126,3 +128,13 @@ def tldr_dev() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not present")
     return path
+
+
+@pytest.fixture
+def server():
+    srv = CannedServer()
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()

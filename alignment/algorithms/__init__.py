@@ -6,6 +6,7 @@ naming the config sections it reads in `alignment.config.ALGORITHM_SECTIONS`.
 
 from __future__ import annotations
 
+from alignment.algorithms.alt_feedback import AltFeedback
 from alignment.algorithms.base import Algorithm, AlgorithmFactory, Models
 from alignment.algorithms.best_of_n import BestOfN
 from alignment.algorithms.conditional import AltRM, Quark, RejectionSampling
@@ -16,6 +17,7 @@ ALGORITHMS: dict[str, AlgorithmFactory] = {
     "quark": Quark,
     "rft": RejectionSampling,
     "alt-rm": AltRM,
+    "alt-feedback": AltFeedback,
     "ppo": PPO,
     "best-of-n": BestOfN,
     "grpo": GRPO,

@@ -31,7 +31,8 @@ class Models:
 
 class Algorithm(Protocol):
     conditioning: Conditioning | None
-    """What the policy is conditioned on from iteration 2 on and at evaluation; None: nothing."""
+    """What the policy is conditioned on from iteration 2 on and at evaluation; None: nothing.
+    Read by the loop when it is used: it may be set during iteration 1's update."""
     samples_itself: bool
     """True: `update` samples and scores the iteration's prompts itself (on-policy, inside its
     trainer) and writes `scored.jsonl`; the loop skips its own sample and score stages."""
@@ -65,7 +66,10 @@ class AlgorithmFactory(Protocol):
     def __call__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
     ) -> Algorithm:
-        """`score` is the run's reward, for methods that score more than the loop's samples."""
+        """`score` is the run's reward, for methods that score more than the loop's samples.
+
+        alt-feedback's factory also takes `feedback=` (an `interfaces.FeedbackFn`); the loop
+        passes it only when the run was given one."""
         ...
 
     def conditioning_for(self, config: Config) -> Conditioning | None: ...

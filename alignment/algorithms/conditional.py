@@ -34,6 +34,7 @@ class Quark:
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
     ) -> None:
         self.config = config
+        self.num_buckets = config.pool.num_quantiles
         self.conditioning = self.conditioning_for(config)
         self.trainer = ConditionalTrainer(
             models.policy,
@@ -57,9 +58,7 @@ class Quark:
         pool = self._pool(iteration, it_dir, seed)
         items = self.select(
             pool.draw(
-                self.config.pool.num_samples_per_quantile,
-                self.config.pool.num_quantiles,
-                random.Random(seed),
+                self.config.pool.num_samples_per_quantile, self.num_buckets, random.Random(seed)
             )
         )
         return self.trainer.train(items, seed=seed, total_iterations=self.config.iterations)
@@ -77,10 +76,14 @@ class Quark:
         pool = DataPool.load(previous) if previous.exists() else DataPool()
         # ALT's order: flush old data, add the new, re-bucket the union
         pool.flush(self.config.pool.drop_factor, random.Random(seed))
-        pool.add(load_samples(it_dir / "scored.jsonl"))
-        pool.requantize(self.config.pool.num_quantiles, self.config.pool.scope)
+        self._add(pool, it_dir)
         pool.save(path)
         return pool
+
+    def _add(self, pool: DataPool, it_dir: Path) -> None:
+        """Add the iteration's samples to the flushed pool and bucket the union by reward."""
+        pool.add(load_samples(it_dir / "scored.jsonl"))
+        pool.requantize(self.config.pool.num_quantiles, self.config.pool.scope)
 
     def save_state(self, folder: Path) -> None:
         self.trainer.save_state(folder)
