@@ -44,6 +44,8 @@ from experiments.commands.common import (
 )
 from rewards import load_reward
 from rewards.cli import reward_options
+from rewards.judge import OUTCOME_VALUE, PairwiseJudge
+from rewards.llm_client import ChatClient
 from samplers import HFSampler
 
 RUN_DIR_MARKERS = ("config.yaml", "state.json", "checkpoints")
@@ -95,6 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=TrainConfig.batch_size, help="likelihood forward batch"
     )
+    judge = parser.add_argument_group(
+        "LLM judge (optional): every sample against the human summary and against the first "
+        "POLICY's sample of the same prompt, asked in both orders"
+    )
+    judge.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://host/v1")
+    judge.add_argument("--judge-model", help="the judge's model name at that endpoint")
+    judge.add_argument(
+        "--judge-key-env", default="OPENAI_API_KEY", help="environment variable with the key"
+    )
+    judge.add_argument("--judge-cache", help="reply cache folder (default: OUT.judge_cache)")
     add_sampling_arguments(parser)
 
 
@@ -158,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
             BestOfNConfig(n=args.best_of_n)
         except ValueError as err:
             raise UserError(f"--best-of-n: {err}") from err
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise UserError("--judge-url and --judge-model go together")
     cfg: SamplingConfig = sampling_config(args)
     rows = load_prompts(args.prompts, limit=args.limit)
     has_refs = all(r.reference for r in rows)
@@ -213,6 +227,20 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "sampling": asdict(cfg),
     }
+    judge = (
+        PairwiseJudge(
+            ChatClient(
+                args.judge_url,
+                args.judge_model,
+                api_key_env=args.judge_key_env,
+                cache_dir=args.judge_cache or f"{args.out}.judge_cache",
+            )
+        )
+        if args.judge_url
+        else None
+    )
+    if judge is not None:
+        settings["judge"] = {"url": args.judge_url, "model": args.judge_model}
     done = Path(f"{args.out}.parts")  # each finished policy, so a killed eval resumes
     results: list[dict] = []
     baseline_means: list[float | None] | None = None
@@ -229,12 +257,17 @@ def run(args: argparse.Namespace) -> int:
             with atomic_write(part) as handle:
                 json.dump(result, handle)
         means = result.pop("_per_prompt")
+        completions = result.pop("_completions")
         if baseline_means is None:
-            baseline_means = means
+            baseline_means, baseline_completions = means, completions
             result["paired_vs_baseline"] = None
         else:
             paired = paired_difference(baseline_means, means).to_dict()
             result["paired_vs_baseline"] = {"baseline": args.policies[0], **paired}
+        if judge is not None:
+            result["judge"] = _judge_policy(
+                judge, rows, completions, baseline_completions if len(results) else None, k, vs_refs
+            )
         results.append(result)
         print(_summary_line(result))
         if result["best_of_n"]:
@@ -316,7 +349,39 @@ def _evaluate_policy(
         "conditioning_curve": curve,
         "best_of_n": best_of_n,
         "_per_prompt": means,
+        "_completions": scored.completions,
     }
+
+
+def _judge_policy(
+    judge: PairwiseJudge,
+    rows: list[PromptRow],
+    completions: list[str],
+    baseline: list[str] | None,
+    k: int,
+    vs_refs: bool,
+) -> dict:
+    """The judge's win rates of one policy's samples (prompt-major, `k` each): against the human
+    summaries and against the baseline's sample of the same prompt and index (ties count 1/2;
+    a pair with an unusable reply is left out)."""
+    prompts = [r.prompt for r in rows for _ in range(k)]
+    out: dict[str, Any] = {}
+    opponents = (
+        {"vs_references": [r.reference or "" for r in rows for _ in range(k)]} if vs_refs else {}
+    )
+    if baseline is not None:
+        opponents["vs_baseline"] = baseline
+    for key, other in opponents.items():
+        outcomes = judge.compare(prompts, completions, other)
+        values = [None if o is None else OUTCOME_VALUE[o] for o in outcomes]
+        out[key] = {
+            **prompt_level_summary(per_prompt_means(values, k)),
+            "wins": outcomes.count("win"),
+            "ties": outcomes.count("tie"),
+            "losses": outcomes.count("loss"),
+            "unusable": outcomes.count(None),
+        }
+    return out
 
 
 def _summary_line(result: dict) -> str:
@@ -339,6 +404,8 @@ def _summary_line(result: dict) -> str:
             f"vs baseline {paired['mean']:+.4f} +- {_fmt(paired['stderr'])} "
             f"(W/T/L {paired['wins']}/{paired['ties']}/{paired['losses']})"
         )
+    for key, judged in (result.get("judge") or {}).items():
+        parts.append(f"judge {key.replace('_', ' ')} {_fmt(judged['mean'], 3)}")
     curve = result["conditioning_curve"]
     if curve:
         d = curve["best_minus_worst"]

@@ -134,6 +134,7 @@ def test_conditioning_curve_on_a_conditioned_checkpoint(
         "kind": "tokens",
         "controls": ["_QUANTILE_TOKEN_0_", "_QUANTILE_TOKEN_1_", "_QUANTILE_TOKEN_2_"],
         "placement": "prefix",
+        "template": None,
     }
     assert policy["control"] == "_QUANTILE_TOKEN_0_"
     curve = policy["conditioning_curve"]
@@ -265,3 +266,41 @@ def test_a_killed_eval_resumes_from_its_finished_policies(
     evaluated.clear()
     assert run_eval(*argv[:-2], "--out", str(out), "--seed", "4") == 0
     assert evaluated == [str(tiny_model_dir), str(conditioned_dir)]
+
+
+def test_llm_judge_in_both_orders_against_references_and_the_baseline(
+    tmp_path, tiny_model_dir, prompts, reward, server, monkeypatch
+):
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+
+    def prefer_the_longer(body: dict) -> str:
+        text = body["messages"][-1]["content"]
+        first = text.split("Summary 1:\n")[1].split("\n\nSummary 2:")[0]
+        second = text.split("Summary 2:\n")[1].split("\n\n")[0]
+        return f"Comparison: length.\nPreferred: {1 if len(first) >= len(second) else 2}"
+
+    server.reply = prefer_the_longer
+    out = tmp_path / "eval.json"
+    d = str(tiny_model_dir)
+    judge = ["--judge-url", f"http://127.0.0.1:{server.server_port}/v1", "--judge-model", "j"]
+    judge += ["--judge-key-env", "JUDGE_KEY"]
+    argv = [d, d, "--prompts", str(prompts), "--reward", reward, "-k", "2", "--out", str(out)]
+    assert run_eval(*argv, *judge) == 0
+    first, second = json.loads(out.read_text())["policies"]
+    samples = 3 * 2
+    # each sample against its human summary, both orders: 2 requests per sample
+    vs_refs = first["judge"]["vs_references"]
+    assert vs_refs["wins"] + vs_refs["ties"] + vs_refs["losses"] == samples
+    assert vs_refs["unusable"] == 0 and 0.0 <= vs_refs["mean"] <= 1.0
+    assert "vs_baseline" not in first["judge"]
+    # the same policy (identical samples) against itself: the judge prefers summary 1 in both
+    # orders, which is a disagreement about A, so every pair is a tie
+    assert second["judge"]["vs_baseline"] == {
+        "mean": 0.5, "stderr": 0.0, "n": 3, "wins": 0, "ties": samples, "losses": 0, "unusable": 0
+    }  # fmt: skip
+    sent = len(server.requests)
+    # at most: both orders of each sample against its reference (the second policy's identical
+    # texts come from the cache) and against the baseline; identical conversations go once
+    assert 0 < sent <= 2 * samples * 2
+    assert run_eval(*argv, *judge) == 0 and len(server.requests) == sent  # all from the cache
+    assert run_eval(*argv, "--judge-url", "http://127.0.0.1:1/v1") == 2  # model missing
