@@ -43,6 +43,8 @@ class SamplingConfig:
     """Prompts prefilled together (each then decodes K samples)."""
     stop_at_newline: bool = False
     """Also stop at a newline: TL;DR summaries are one line; ALT stops at EOS only."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: transformers, any device (samplers/hf.py); vllm: vLLM on GPU, the `vllm` extra."""
 
     def __post_init__(self) -> None:
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
@@ -50,6 +52,8 @@ class SamplingConfig:
             raise ValueError("sampling.temperature must be > 0 (use greedy decoding instead)")
         if not 0 < self.top_p <= 1:
             raise ValueError("sampling.top_p must be in (0, 1]")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"sampling.backend must be hf or vllm, got {self.backend!r}")
         for name in (
             "max_new_tokens",
             "max_prompt_tokens",

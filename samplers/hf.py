@@ -171,6 +171,25 @@ def shared_prefix_attention(
     return out.reshape(rows, 1, heads, value_dim).contiguous(), None
 
 
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], config: SamplingConfig
+) -> list[list[int]]:
+    """Token ids per prompt, over-long ones cut from the middle (and said so, once); every
+    backend encodes this way, so they all sample from the same inputs."""
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    cut = sum(len(ids) > config.max_prompt_tokens for ids in encoded)
+    if cut:
+        log.warning(
+            "%d of %d prompts longer than %d tokens were cut in the middle",
+            cut,
+            len(encoded),
+            config.max_prompt_tokens,
+        )
+    return [
+        truncate_middle(ids, config.max_prompt_tokens, config.keep_tail_tokens) for ids in encoded
+    ]
+
+
 class HFSampler:
     """Sample with a transformers causal LM; never emits control tokens."""
 
@@ -190,20 +209,7 @@ class HFSampler:
             )
 
     def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids per prompt, over-long ones cut from the middle (and said so, once)."""
-        cfg = self.config
-        encoded = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        cut = sum(len(ids) > cfg.max_prompt_tokens for ids in encoded)
-        if cut:
-            log.warning(
-                "%d of %d prompts longer than %d tokens were cut in the middle",
-                cut,
-                len(encoded),
-                cfg.max_prompt_tokens,
-            )
-        return [
-            truncate_middle(ids, cfg.max_prompt_tokens, cfg.keep_tail_tokens) for ids in encoded
-        ]
+        return encode_prompts(self.tokenizer, prompts, self.config)
 
     @torch.no_grad()
     def sample(

@@ -30,9 +30,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     try:
-        return SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
+        config = SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig)})
     except ValueError as err:
         raise UserError(str(err)) from err
+    check_backend(config)
+    return config
+
+
+def check_backend(config: SamplingConfig) -> None:
+    """A sampling backend that cannot run here fails before any model loads."""
+    if config.backend == "vllm":
+        from samplers.vllm import require_vllm
+
+        require_vllm()
 
 
 def add_placement_argument(parser: argparse.ArgumentParser) -> None:

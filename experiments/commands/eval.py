@@ -46,7 +46,7 @@ from rewards import load_reward
 from rewards.cli import reward_options
 from rewards.judge import OUTCOME_VALUE, PairwiseJudge
 from rewards.llm_client import ChatClient
-from samplers import HFSampler
+from samplers import make_sampler
 
 RUN_DIR_MARKERS = ("config.yaml", "state.json", "checkpoints")
 
@@ -305,7 +305,7 @@ def _evaluate_policy(
 ) -> dict:
     k = args.num_samples
     model, tokenizer = load_model_and_tokenizer(path, dtype=args.dtype, device=args.device)
-    sampler = HFSampler(model, tokenizer, cfg)
+    sampler = make_sampler(model, tokenizer, cfg)
     scored = sample_and_score(sampler, rows, reward.score, conditioning, k, seed=args.seed)
     means, reward_summary = _reward_block(scored.rewards, k)
     metrics: dict[str, Any] = {

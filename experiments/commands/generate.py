@@ -14,7 +14,7 @@ from experiments.commands.common import (
     model_conditioning,
     sampling_config,
 )
-from samplers import HFSampler
+from samplers import make_sampler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         None if args.no_condition else model_conditioning(args.model, tokenizer, args.placement)
     )
     texts = [conditioning.condition(p) if conditioning else p for p in prompts]
-    sampler = HFSampler(model, tokenizer, sampling_config(args))
+    sampler = make_sampler(model, tokenizer, sampling_config(args))
     outputs = sampler.sample(texts, args.num_samples, seed=args.seed, greedy=args.greedy)
     for prompt, gens in zip(prompts, outputs, strict=True):
         for gen in gens:

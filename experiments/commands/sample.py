@@ -16,7 +16,7 @@ from experiments.commands.common import (
     model_conditioning,
     sampling_config,
 )
-from samplers import HFSampler
+from samplers import make_sampler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         else None
     )
     texts = [conditioning.condition(r.prompt) if conditioning else r.prompt for r in rows]
-    sampler = HFSampler(model, tokenizer, cfg)
+    sampler = make_sampler(model, tokenizer, cfg)
     generations = sampler.sample(texts, args.num_samples, seed=args.seed)
     records = [
         SampleRecord(

@@ -12,7 +12,7 @@ from pathlib import Path
 from alignment.algorithms.best_of_n import RESULT, SAMPLES
 from alignment.config import Config, load_config
 from alignment.loop import run as run_loop
-from experiments.commands.common import format_best_of_n
+from experiments.commands.common import check_backend, format_best_of_n
 from rewards import load_reward
 from rewards.feedback import (
     ALT_SUMMARY_PROMPT,
@@ -29,7 +29,7 @@ from rewards.feedback import (
     parse_alt_reply,
 )
 from rewards.llm_client import ChatClient
-from samplers import HFSampler
+from samplers import make_sampler
 
 ALT_MAX_SCORE = 3  # ALT-LMU's prompt asks for a score out of 3
 
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    check_backend(config.sampling)
     options: dict[str, object] = dict(config.reward.options)
     if config.reward.quantization is not None:
         options["quantization"] = config.reward.quantization
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         **options,
     )
     feedback = build_feedback(config) if config.algorithm == "alt-feedback" else None
-    metrics = run_loop(config, reward.score, HFSampler, feedback)
+    metrics = run_loop(config, reward.score, make_sampler, feedback)
     print(format_table(metrics))
     if config.algorithm == "best-of-n":
         result = json.loads((Path(config.out_dir) / RESULT).read_text())
