@@ -142,7 +142,7 @@ def test_generate_conditions_as_the_checkpoint_was_trained(
     """The control goes where the checkpoint's conditioning.json says, unless overridden."""
     from alignment.conditioning import Conditioning
     from alignment.models import load_model_and_tokenizer
-    from experiments.commands import generate
+    from samplers import HFSampler
 
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
     conditioning = Conditioning.quantile_tokens(5, saved or "prefix")
@@ -152,13 +152,13 @@ def test_generate_conditions_as_the_checkpoint_was_trained(
     if saved:
         conditioning.save(tiny_model_dir)
     seen = []
-    sample = generate.HFSampler.sample
+    sample = HFSampler.sample
 
     def spy(self, prompts, *args, **kwargs):
         seen.extend(prompts)
         return sample(self, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(generate.HFSampler, "sample", spy)
+    monkeypatch.setattr(HFSampler, "sample", spy)
     argv = ["generate", str(tiny_model_dir), "Hello there", "--max-new-tokens", "3", *flag]
     assert main(argv) == 0
     assert seen == [expected]
