@@ -33,7 +33,7 @@ class Quark:
     def __init__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
     ) -> None:
-        self.config = config
+        self.config, self.accelerator = config, accelerator
         self.conditioning = self.conditioning_for(config)
         self.trainer = ConditionalTrainer(
             models.policy,
@@ -79,7 +79,8 @@ class Quark:
         pool.flush(self.config.pool.drop_factor, random.Random(seed))
         pool.add(load_samples(it_dir / "scored.jsonl"))
         pool.requantize(self.config.pool.num_quantiles, self.config.pool.scope)
-        pool.save(path)
+        if self.accelerator.is_main_process:  # every rank built the same pool
+            pool.save(path)
         return pool
 
     def save_state(self, folder: Path) -> None:

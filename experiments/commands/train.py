@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from accelerate import PartialState
+
 from alignment.algorithms.best_of_n import RESULT, SAMPLES
 from alignment.config import load_config
 from alignment.loop import run as run_loop
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    # Under `accelerate launch` the process group comes first: it makes "cuda" mean this rank's
+    # GPU for the reward model as for the policy; the loop's Accelerator reuses this state.
+    state = PartialState(cpu=config.model.device == "cpu")
     options: dict[str, object] = dict(config.reward.options)
     if config.reward.quantization is not None:
         options["quantization"] = config.reward.quantization
@@ -41,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         **options,
     )
     metrics = run_loop(config, reward.score, HFSampler)
+    if not state.is_main_process:
+        return 0
     print(format_table(metrics))
     if config.algorithm == "best-of-n":
         result = json.loads((Path(config.out_dir) / RESULT).read_text())
