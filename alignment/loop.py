@@ -11,7 +11,11 @@ Under `accelerate launch --num_processes N` every rank runs this loop on the sam
 samples and scores its share of the prompts (`ShardedSampler`, `sharded_score`), the results are
 gathered on every rank, and the main process alone writes a stage's file, after which all ranks
 wait at a barrier. A rank therefore decides "this stage is done" only between barriers, when no
-file is being written, and every rank decides the same.
+file is being written, and every rank decides the same. Evaluation samples and scores the same
+way; its teacher-forced likelihoods (reference perplexity, KL) are computed on every rank from
+the gathered samples, one forward pass per sample, cheap next to sampling. Resume a run with
+the number of processes it started with: the samples depend on it, and each rank restores its
+own RNG state.
 """
 
 from __future__ import annotations

@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import train_shard
 import yaml
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
 
 from alignment.records import load_samples
+from experiments.cli import main
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -42,15 +44,12 @@ def test_shipped_accelerate_configs_parse(path):
     assert f"--config_file experiments/accelerate/{path.name}" in path.read_text()
 
 
-def test_two_processes_train_as_one(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["top-blocks", "lora"])
+def test_two_processes_train_as_one(tmp_path, lora):
     """Same items, same seed: the weights and logged losses equal the one-process run's. The
     shards differ in token count and the last batch leaves one rank empty."""
-    script = str(HERE / "train_shard.py")
-    one = subprocess.run(
-        [sys.executable, script, str(tmp_path / "one")], env=ENV, capture_output=True, timeout=300
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    launch_2(script, str(tmp_path / "two"))
+    train_shard.main(str(tmp_path / "one"), lora=lora)
+    launch_2(str(HERE / "train_shard.py"), str(tmp_path / "two"), *(["lora"] if lora else []))
     histories = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
     assert len(histories[0]) == len(histories[1]) == 6
     for a, b in zip(*histories, strict=True):
@@ -75,19 +74,16 @@ def test_loop_on_two_processes(tmp_path):
         "eval.samples_per_prompt=2",
         "reward.name=toy:count_e_words",
     ]
-    runs = {}
-    for name in ("one", "two"):
-        out = tmp_path / name
-        args = ["-m", "experiments.cli", "train", "-", *settings]
-        args += run_overrides(out, model_dir, prompts)
-        if name == "one":
-            done = subprocess.run(
-                [sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=300
-            )
-            assert done.returncode == 0, done.stderr[-3000:]
-        else:
-            launch_2(*args)
-        runs[name] = out
+    runs = {name: tmp_path / name for name in ("one", "two")}
+    assert main(["train", "-", *settings, *run_overrides(runs["one"], model_dir, prompts)]) == 0
+    launch_2(
+        "-m",
+        "experiments.cli",
+        "train",
+        "-",
+        *settings,
+        *run_overrides(runs["two"], model_dir, prompts),
+    )
     one, two = (runs[n] / "iter_001" for n in ("one", "two"))
     assert (two / "pool.jsonl").exists() and (two / "train_log.jsonl").exists()
     for stage in ("samples.jsonl", "scored.jsonl"):

@@ -1,7 +1,7 @@
 """One ConditionalTrainer.train call on fixed items, the updated weights saved by the main process.
 
-Run as `python train_shard.py OUT` (one process) or under `accelerate launch --num_processes 2`;
-tests/integration/test_multiprocess.py compares the two. The items have targets of different
+Run as `python train_shard.py OUT [lora]` (one process) or under `accelerate launch
+--num_processes 2`; tests/integration/test_multiprocess.py compares the two. The items have targets of different
 lengths and the last batch holds one item, so the ranks' shards differ in token count and one
 rank has nothing to train on in the last step.
 """
@@ -18,13 +18,13 @@ from safetensors.torch import save_file
 from toy import write_toy_task
 
 from alignment.conditioning import Conditioning
-from alignment.config import SamplingConfig, TrainConfig
+from alignment.config import LoraConfig, SamplingConfig, TrainConfig
 from alignment.models import load_model_and_tokenizer
 from alignment.pool import TrainItem
 from alignment.trainer import ConditionalTrainer
 
 
-def main(out: str) -> None:
+def main(out: str, lora: bool = False) -> None:
     accelerator = Accelerator(cpu=True)
     folder = Path(out)
     if accelerator.is_main_process:
@@ -53,7 +53,7 @@ def main(out: str) -> None:
         batch_size=4,
         num_epochs=2,
         warmup_ratio=0.0,
-        unfrozen_layers_ratio=0.5,
+        **({"lora": LoraConfig(dropout=0.0)} if lora else {"unfrozen_layers_ratio": 0.5}),
         max_grad_norm=1.0,
         control_lr_multiplier=2.0,
     )
@@ -66,4 +66,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], lora=sys.argv[2:] == ["lora"])
