@@ -1,9 +1,9 @@
 """One ConditionalTrainer.train call on fixed items, the updated weights saved by the main process.
 
 Run as `python train_shard.py OUT [lora]` (one process) or under `accelerate launch
---num_processes 2`; tests/integration/test_multiprocess.py compares the two. The items have targets of different
-lengths and the last batch holds one item, so the ranks' shards differ in token count and one
-rank has nothing to train on in the last step.
+--num_processes 2`; tests/integration/test_multiprocess.py compares the two. The items have
+targets of different lengths and the last batch holds one item, so the ranks' shards differ in
+token count and one rank has nothing to train on in the last step.
 """
 
 from __future__ import annotations
