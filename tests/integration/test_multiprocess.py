@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 import train_shard
 import yaml
 from accelerate.utils import DistributedType
@@ -61,29 +65,38 @@ def test_two_processes_train_as_one(tmp_path, lora):
         assert (weights[1][name] - value).abs().max() < 1e-3, name
 
 
-def test_loop_on_two_processes(tmp_path):
-    """`quark-alt train` under accelerate: one iteration, each stage file written once and whole."""
-    model_dir, prompts = write_toy_task(tmp_path)
-    settings = [
-        *TOY_OVERRIDES,
-        "iterations=1",
-        "data.prompts_per_iteration=9",
-        "data.samples_per_prompt=4",
-        "train.num_epochs=1",
-        "train.batch_size=8",
-        "eval.samples_per_prompt=2",
-        "reward.name=toy:count_e_words",
-    ]
+SETTINGS = [
+    *TOY_OVERRIDES,
+    "iterations=1",
+    "data.prompts_per_iteration=9",
+    "data.samples_per_prompt=4",
+    "train.num_epochs=1",
+    "train.batch_size=8",
+    "eval.samples_per_prompt=2",
+]
+
+
+def train_2(out: Path, toy: tuple[Path, Path], reward: str) -> list[str]:
+    """The `accelerate launch` arguments of `quark-alt train` on the toy task into `out`."""
+    args = ["-m", "experiments.cli", "train", "-", *SETTINGS, f"reward.name=toy:{reward}"]
+    return args + run_overrides(out, *toy)
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory):
+    """The toy task run for one iteration on one process (in-process) and on two."""
+    tmp_path = tmp_path_factory.mktemp("loop")
+    toy = write_toy_task(tmp_path)
     runs = {name: tmp_path / name for name in ("one", "two")}
-    assert main(["train", "-", *settings, *run_overrides(runs["one"], model_dir, prompts)]) == 0
-    launch_2(
-        "-m",
-        "experiments.cli",
-        "train",
-        "-",
-        *settings,
-        *run_overrides(runs["two"], model_dir, prompts),
-    )
+    settings = [*SETTINGS, "reward.name=toy:count_e_words"]
+    assert main(["train", "-", *settings, *run_overrides(runs["one"], *toy)]) == 0
+    launch_2(*train_2(runs["two"], toy, "count_e_words"))
+    return toy, runs
+
+
+def test_loop_on_two_processes(loop_runs):
+    """`quark-alt train` under accelerate: one iteration, each stage file written once and whole."""
+    _, runs = loop_runs
     one, two = (runs[n] / "iter_001" for n in ("one", "two"))
     assert (two / "pool.jsonl").exists() and (two / "train_log.jsonl").exists()
     for stage in ("samples.jsonl", "scored.jsonl"):
@@ -102,3 +115,37 @@ def test_loop_on_two_processes(tmp_path):
     metrics = (runs["two"] / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["iteration"] for m in metrics] == [0, 1]
     assert not list(runs["two"].rglob(".*.tmp"))
+
+
+def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_path):
+    """Rank 1 killed once the samples are written (while the ranks score): torchrun stops the
+    other, and the same command rerun ends with the files and weights of the unbroken run."""
+    toy, runs = loop_runs
+    broken = tmp_path / "broken"
+    command = [*LAUNCH, "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2"]
+    command += train_2(broken, toy, "slow_count_e_words")
+    launcher = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not (broken / "iter_001" / "samples.jsonl").exists() and time.time() < deadline:
+        assert launcher.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    rank_1 = next(
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if p.environ().get("LOCAL_RANK") == "1"
+    )
+    rank_1.send_signal(signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert not (broken / "iter_001" / "eval.json").exists()
+    launch_2(*train_2(broken, toy, "slow_count_e_words"))
+    unbroken = runs["two"]
+    for name in ["samples.jsonl", "scored.jsonl", "pool.jsonl", "eval_samples.jsonl"]:
+        path = Path("iter_001") / name
+        assert (broken / path).read_text() == (unbroken / path).read_text(), name
+    final = Path("checkpoints") / "iter_001" / "model.safetensors"
+    expected = load_file(unbroken / final)
+    for key, value in load_file(broken / final).items():
+        assert torch.equal(value, expected[key]), key
+    assert not list(broken.rglob(".*.tmp"))
