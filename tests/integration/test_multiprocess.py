@@ -2,7 +2,8 @@
 
 The loop: every prompt sampled exactly once, the main process alone writes each stage, and the
 files hold what a one-process run's hold (the samples themselves differ: each rank draws from its
-own seed). The trainer: the same items trained on 2 processes give the one-process weights.
+own seed), and a rank killed mid-iteration costs nothing once the command is rerun. The
+trainer (top blocks or LoRA): the same items trained on 2 processes give the one-process weights.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def test_shipped_accelerate_configs_parse(path):
     config = yaml.safe_load(path.read_text())
     assert config["distributed_type"] in {t.value for t in DistributedType}
     assert f"--config_file experiments/accelerate/{path.name}" in path.read_text()
+    deepspeed_file = config.get("deepspeed_config", {}).get("deepspeed_config_file")
+    if deepspeed_file is not None:
+        assert json.loads((REPO / deepspeed_file).read_text())["train_micro_batch_size_per_gpu"]
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["top-blocks", "lora"])
