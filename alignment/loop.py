@@ -6,6 +6,16 @@ Every stage of every iteration ends by atomically writing one file under `out_di
 rerunning the same command after a crash at any point continues to the same result as an
 uninterrupted run. The loop knows no algorithm's internals: `alignment.algorithms` maps the
 config's `algorithm` to the update, and the sampler and reward are passed in.
+
+Under `accelerate launch --num_processes N` every rank runs this loop on the same files: each
+samples and scores its share of the prompts (`ShardedSampler`, `sharded_score`), the results are
+gathered on every rank, and the main process alone writes a stage's file, after which all ranks
+wait at a barrier. A rank therefore decides "this stage is done" only between barriers, when no
+file is being written, and every rank decides the same. Evaluation samples and scores the same
+way; its teacher-forced likelihoods (reference perplexity, KL) are computed on every rank from
+the gathered samples, one forward pass per sample, cheap next to sampling. Resume a run with
+the number of processes it started with: the samples depend on it, and each rank restores its
+own RNG state.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from pathlib import Path
 
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.algorithms import ALGORITHMS, Algorithm, Models
@@ -37,7 +48,7 @@ from alignment.evaluation import (
     sample_conditioning_curve,
     scored_records,
 )
-from alignment.interfaces import FeedbackFn, Sampler, ScoreFn
+from alignment.interfaces import FeedbackFn, Generation, Sampler, ScoreFn
 from alignment.io import atomic_directory, atomic_write, write_jsonl
 from alignment.metrics import summarize_rewards_by_quantile
 from alignment.models import load_model_and_tokenizer, quantization_config
@@ -54,6 +65,8 @@ RESUMABLE_KEYS = {"iterations", "report_to"}
 TRAINING_STATE = "training_state"
 EVAL_SAMPLES = "eval_samples.jsonl"
 TIMING = "timing.json"
+# Algorithms whose update is correct on several processes (ConditionalTrainer shards each batch).
+MULTI_PROCESS_ALGORITHMS = {"quark", "rft", "alt-rm"}
 
 
 def run(
@@ -67,19 +80,42 @@ def run(
     `feedback` is the LLM feedback that alt-feedback trains on (no other algorithm takes one).
     """
     out = Path(config.out_dir)
-    with _run_dir_lock(out):
-        _check_same_config(out, config)
+    # First of all: the process group, and on a GPU each rank's own device, before any model loads.
+    accelerator = Accelerator(
+        cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
+    )
+    if accelerator.num_processes > 1 and config.algorithm not in MULTI_PROCESS_ALGORITHMS:
+        raise UserError(
+            f"algorithm: {config.algorithm} runs on one process only (launched with "
+            f"{accelerator.num_processes}); multi-process runs support "
+            f"{', '.join(sorted(MULTI_PROCESS_ALGORITHMS))}"
+        )
+    if _shards_weights(accelerator):
+        raise UserError(
+            f"{accelerator.distributed_type.value} with sharded weights (FSDP, DeepSpeed ZeRO-3) "
+            "is not supported: the loop samples from and saves the whole policy on each rank; "
+            "use DDP or ZeRO-2 (experiments/accelerate/)"
+        )
+    main = accelerator.is_main_process
+    # The main process holds the lock for the whole run: it alone writes the directory.
+    with _run_dir_lock(out) if main else contextlib.nullcontext():
+        _check_same_config(out, config, clean=main)
+        accelerator.wait_for_everyone()  # no rank reads the directory while stale files go
         train_rows, eval_rows = _prompt_sets(config)
         factory = ALGORITHMS[config.algorithm]
         models = _load_models(config, out, factory.conditioning_for(config))
         # Only now, with config, prompts and models known good, does the directory become a run.
-        _claim_run_dir(out, config)
-        return _iterate(config, out, score, make_sampler, models, train_rows, eval_rows, feedback)
+        if main:
+            _claim_run_dir(out, config)
+        return _iterate(
+            config, out, accelerator, score, make_sampler, models, train_rows, eval_rows, feedback
+        )
 
 
 def _iterate(
     config: Config,
     out: Path,
+    accelerator: Accelerator,
     score: ScoreFn,
     make_sampler: SamplerFactory,
     models: Models,
@@ -87,9 +123,9 @@ def _iterate(
     eval_rows: list[PromptRow],
     feedback: FeedbackFn | None = None,
 ) -> list[dict]:
-    accelerator = Accelerator(
-        cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
-    )
+    main = accelerator.is_main_process
+    if accelerator.num_processes > 1:
+        score = sharded_score(score, accelerator)
     if config.report_to:
         # trackers take scalars only (TensorBoard's hparams refuse lists)
         hparams = {
@@ -98,6 +134,8 @@ def _iterate(
         }
         accelerator.init_trackers("quark-alt", config=hparams)
     sampler = make_sampler(models.policy, models.tokenizer, config.sampling)
+    if accelerator.num_processes > 1:
+        sampler = ShardedSampler(sampler, accelerator)
     extra = {"feedback": feedback} if feedback is not None else {}
     algorithm = ALGORITHMS[config.algorithm](config, models, accelerator, score, **extra)
     _resume_training_state(algorithm, out)
@@ -119,7 +157,8 @@ def _iterate(
             config,
             control,
         )
-        save_samples(it_dir / EVAL_SAMPLES, scored_records(eval_rows, scored, iteration))
+        if main:
+            save_samples(it_dir / EVAL_SAMPLES, scored_records(eval_rows, scored, iteration))
         watch.lap("eval")
         if control is not None and config.eval.conditioning_curve:
             result["conditioning_curve"] = sample_conditioning_curve(
@@ -132,16 +171,18 @@ def _iterate(
                 best=scored,
             )
             watch.lap("conditioning_curve")
-        with atomic_write(path) as handle:
-            json.dump({"iteration": iteration, **result}, handle, indent=1)
+        if main:
+            with atomic_write(path) as handle:
+                json.dump({"iteration": iteration, **result}, handle, indent=1)
+        accelerator.wait_for_everyone()
 
-    evaluate_into(out / "iter_000", False, 0, Stopwatch(out / "iter_000"))
+    evaluate_into(out / "iter_000", False, 0, Stopwatch(out / "iter_000", main))
     if config.algorithm == "best-of-n":  # trains nothing (iterations: 0)
         write_best_of_n(out, sampler, eval_rows, score, config)
     for iteration in range(1, config.iterations + 1):
         it_dir = out / f"iter_{iteration:03d}"
         seed = config.seed + iteration
-        watch = Stopwatch(it_dir)
+        watch = Stopwatch(it_dir, main)
         # 1. sample: the initial policy has not learned the controls, so it samples without
         #    them; later policies sample conditioned on the best one (an algorithm that
         #    samples itself does 1 and 2 inside its update)
@@ -151,19 +192,21 @@ def _iterate(
             control = algorithm.conditioning if iteration > 1 else None
             texts = [control.condition(r.prompt) if control else r.prompt for r in rows]
             gens = sampler.sample(texts, config.data.samples_per_prompt, seed=seed)
-            save_samples(
-                samples_path,
-                [
-                    SampleRecord(
-                        prompt=r.prompt,
-                        id=r.id,
-                        iteration=iteration,
-                        generations=[g.text for g in gs],
-                        finish_reasons=[g.finish_reason for g in gs],
-                    )
-                    for r, gs in zip(rows, gens, strict=True)
-                ],
-            )
+            if main:
+                save_samples(
+                    samples_path,
+                    [
+                        SampleRecord(
+                            prompt=r.prompt,
+                            id=r.id,
+                            iteration=iteration,
+                            generations=[g.text for g in gs],
+                            finish_reasons=[g.finish_reason for g in gs],
+                        )
+                        for r, gs in zip(rows, gens, strict=True)
+                    ],
+                )
+            accelerator.wait_for_everyone()
             watch.lap("sample")
         # 2. score
         scored_path = it_dir / "scored.jsonl"
@@ -176,24 +219,70 @@ def _iterate(
             if config.reward.subtract_reference:
                 references = {r.id: r.reference or "" for r in train_rows}  # checked at start
                 _subtract_reference(records, references, score)
-            save_samples(scored_path, records)
+            if main:
+                save_samples(scored_path, records)
+            accelerator.wait_for_everyone()
             watch.lap("score")
         # 3. update (the algorithm's own stages), then checkpoint
         checkpoint = out / "checkpoints" / f"iter_{iteration:03d}"
         if not checkpoint.exists():
             history = algorithm.update(iteration, it_dir, seed, rows)
-            write_jsonl(it_dir / "train_log.jsonl", history)
-            _save_checkpoint(models, algorithm, checkpoint, config, iteration)
+            if main:
+                write_jsonl(it_dir / "train_log.jsonl", history)
+            _save_checkpoint(models, algorithm, checkpoint, config, iteration, accelerator)
+            accelerator.wait_for_everyone()
             watch.lap("update")
         # 4. evaluate, conditioned on the best control
         evaluate_into(it_dir, True, iteration, watch)
-        metrics = _write_metrics(out, config)
+        metrics = _write_metrics(out, config, main)
         if config.report_to:
             scalars = {f"eval/{k}": v for k, v in metrics[-1].items() if isinstance(v, float)}
             accelerator.log(scalars, step=iteration)
     if config.report_to:
         accelerator.end_training()
-    return _write_metrics(out, config)
+    return _write_metrics(out, config, main)
+
+
+def _shards_weights(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def rank_seed(seed: int, rank: int, num_processes: int) -> int:
+    """Each rank's sampling seed: distinct across ranks, and `seed` itself on one process."""
+    return seed * num_processes + rank
+
+
+class ShardedSampler:
+    """A sampler whose `sample` splits the prompts across ranks and returns all of them on every
+    rank, in order; each rank draws from its own seed (`rank_seed`), so a run's samples depend on
+    the number of processes, as they would on the batch size."""
+
+    def __init__(self, sampler: Sampler, accelerator: Accelerator) -> None:
+        self.sampler, self.accelerator = sampler, accelerator
+
+    def sample(
+        self, prompts: list[str], num_samples: int, *, seed: int, greedy: bool = False
+    ) -> list[list[Generation]]:
+        acc = self.accelerator
+        with acc.split_between_processes(list(prompts)) as mine:
+            seed = rank_seed(seed, acc.process_index, acc.num_processes)
+            drawn = self.sampler.sample(mine, num_samples, seed=seed, greedy=greedy) if mine else []
+        return gather_object(drawn)
+
+
+def sharded_score(score: ScoreFn, accelerator: Accelerator) -> ScoreFn:
+    """`score` with the pairs split across ranks and the rewards gathered, in order, on all."""
+
+    def sharded(prompts: list[str], completions: list[str]) -> list[float | None]:
+        pairs = list(zip(prompts, completions, strict=True))
+        with accelerator.split_between_processes(pairs) as mine:
+            rewards = score([p for p, _ in mine], [c for _, c in mine]) if mine else []
+        return gather_object(list(rewards))
+
+    return sharded
 
 
 def iteration_prompts(train_rows: list[PromptRow], count: int, seed: int) -> list[PromptRow]:
@@ -209,11 +298,13 @@ class Stopwatch:
     file is written; a stage skipped on resume keeps the seconds its first run recorded.
     """
 
-    def __init__(self, it_dir: Path) -> None:
-        self.path = it_dir / TIMING
+    def __init__(self, it_dir: Path, write: bool = True) -> None:
+        self.path, self.write = it_dir / TIMING, write
         self.start = time.perf_counter()
 
     def lap(self, stage: str) -> None:
+        if not self.write:  # another rank than the main process
+            return
         now = time.perf_counter()
         seconds = json.loads(self.path.read_text()) if self.path.exists() else {}
         seconds[stage] = round(now - self.start, 3)
@@ -263,8 +354,9 @@ def _subtract_reference(
         ]
 
 
-def _check_same_config(out: Path, config: Config) -> None:
-    """Refuse a run directory made by another config; clean what a killed run left half-written."""
+def _check_same_config(out: Path, config: Config, clean: bool = True) -> None:
+    """Refuse a run directory made by another config; clean what a killed run left half-written
+    (`clean`: the process that holds the lock)."""
     saved = out / "config.yaml"
     if not saved.exists():
         return
@@ -280,6 +372,8 @@ def _check_same_config(out: Path, config: Config) -> None:
             f"use another out_dir or the same config to resume"
         )
     log.info("resuming the run in %s", out)
+    if not clean:
+        return
     for stale in out.rglob(".*.tmp"):  # temp files and folders of a killed run (we hold the lock)
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
@@ -384,11 +478,27 @@ UNCONDITIONED = """It is a plain causal LM: prompt it as the initial policy
 
 
 def _save_checkpoint(
-    models: Models, algorithm: Algorithm, path: Path, config: Config, iteration: int
+    models: Models,
+    algorithm: Algorithm,
+    path: Path,
+    config: Config,
+    iteration: int,
+    accelerator: Accelerator,
 ) -> None:
-    """Model, tokenizer, conditioning, model card and training state, as one atomic folder."""
+    """Model, tokenizer, conditioning, model card and training state, as one atomic folder.
+
+    The main process makes the folder and writes the model; every rank writes its part of the
+    training state into it (accelerate saves each rank's RNG state), and only when all have
+    written does the main process rename it into place.
+    """
     conditioning = algorithm.conditioning
-    with atomic_directory(path) as tmp:
+    main = accelerator.is_main_process
+    with atomic_directory(path) if main else contextlib.nullcontext() as tmp:
+        tmp = broadcast_object_list([tmp])[0]
+        algorithm.save_state(tmp / TRAINING_STATE)
+        accelerator.wait_for_everyone()
+        if not main:
+            return
         models.policy.save_pretrained(tmp, safe_serialization=True)
         models.tokenizer.save_pretrained(tmp)
         if conditioning is not None:
@@ -411,7 +521,6 @@ def _save_checkpoint(
                 how=how,
             )
         )
-        algorithm.save_state(tmp / TRAINING_STATE)
     # Only the newest training state is ever resumed from; older ones are dead weight (for
     # GPT-J, the optimizer state is twice the trainable weights).
     for older in path.parent.glob(f"iter_*/{TRAINING_STATE}"):
@@ -419,20 +528,23 @@ def _save_checkpoint(
             shutil.rmtree(older)
 
 
-def _write_metrics(out: Path, config: Config) -> list[dict]:
-    """Rebuild metrics.jsonl and the plots from the per-iteration files (never appended twice)."""
+def _write_metrics(out: Path, config: Config, write: bool = True) -> list[dict]:
+    """Rebuild metrics.jsonl and the plots from the per-iteration files (never appended twice);
+    `write`: the main process, the only one that writes them."""
     rows = []
     by_quantile: dict[int, dict[int, float]] = {}
     for iteration in range(config.iterations + 1):
         it_dir = out / f"iter_{iteration:03d}"
         if (it_dir / "eval.json").exists():
             rows.append(json.loads((it_dir / "eval.json").read_text()))
-        if (it_dir / "pool.jsonl").exists():
+        if write and (it_dir / "pool.jsonl").exists():
             records = DataPool.load(it_dir / "pool.jsonl").records
             by_quantile[iteration] = summarize_rewards_by_quantile(
                 [r for rec in records for r in rec.rewards or []],
                 [q for rec in records for q in rec.quantiles or []],
             )
+    if not write:
+        return rows
     write_jsonl(out / "metrics.jsonl", rows)
     plot_iterations(
         [{"iteration": r["iteration"], **{f"eval/{k}": v for k, v in r.items()}} for r in rows],

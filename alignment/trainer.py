@@ -196,11 +196,29 @@ class WarmupLinearDecay:
         return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
 
 
+def shard_loss_weight(local_tokens: int, global_tokens: int, num_processes: int) -> float:
+    """The factor on a rank's token-mean loss that makes DDP's gradient the global batch's.
+
+    DDP averages the ranks' gradients, i.e. computes (1/N) sum_r grad(w_r * mean_r). With
+    w_r = N * n_r / n (n_r: the rank's target tokens, n: the batch's) that is
+    grad(sum_r n_r * mean_r / n) = grad(token mean over the whole batch): the one-process loss,
+    whatever the shards' token counts. Unweighted (w_r = 1) a rank of short targets would count
+    as much as one of long targets. E.g. 30 and 10 tokens on 2 ranks: weights 1.5 and 0.5.
+    """
+    return num_processes * local_tokens / global_tokens
+
+
 class ConditionalTrainer:
     """Trains the policy on drawn pool items; no sampling, no file I/O but its own state.
 
     One AdamW and one scheduler live for the whole run; `reset_optimizer` clears the optimizer's
     moments and restarts the schedule instead of building new ones.
+
+    On several processes `train.batch_size` stays the global batch: every rank shuffles the same
+    way (the same seed) and runs its contiguous part of each batch, the DDP-prepared policy
+    averages the gradients, and `shard_loss_weight` makes that average the one-process gradient
+    of the batch. The number of processes thus changes neither the steps nor (without dropout,
+    up to float summation order) the weights.
     """
 
     def __init__(
@@ -246,6 +264,9 @@ class ConditionalTrainer:
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
             policy, optimizer, scheduler
         )
+        # Each global batch is split across the ranks (accelerate's `split_batches`), so one
+        # optimizer step is one schedule step; by default accelerate steps it once per rank.
+        self.scheduler.split_batches = True
         self._raw_optimizer, self._raw_scheduler = optimizer, scheduler
 
     def _add_adapter(self) -> None:
@@ -331,7 +352,12 @@ class ConditionalTrainer:
         pad = self.tokenizer.pad_token_id
         history: list[dict] = []
         self.policy.train()
-        progress = tqdm(total=steps_per_epoch * cfg.num_epochs, desc="training", unit="step")
+        progress = tqdm(
+            total=steps_per_epoch * cfg.num_epochs,
+            desc="training",
+            unit="step",
+            disable=not self.accelerator.is_local_main_process,
+        )
         for _ in range(cfg.num_epochs):
             if cfg.batches_by_prompt:
                 batches = prompt_grouped_batches([i.prompt for i in items], cfg.batch_size, rng)
@@ -352,8 +378,16 @@ class ConditionalTrainer:
             self._merge_adapter()
         return history
 
-    def _step(self, chunk: list[tuple[list[int], list[int], list[int]]], pad: int) -> dict:
-        cfg = self.config
+    def _step(self, batch: list[tuple[list[int], list[int], list[int]]], pad: int) -> dict:
+        """One optimizer step on the global `batch`, of which this rank runs its share."""
+        cfg, acc = self.config, self.accelerator
+        with acc.split_between_processes(batch) as chunk:
+            local_tokens = sum(len(target) for _, _, target in chunk)
+            # A rank with no item still runs forward and backward (DDP waits for its gradients),
+            # on the batch's first item with weight 0.
+            chunk = chunk or batch[:1]
+        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
+        weight = shard_loss_weight(local_tokens, global_tokens, acc.num_processes)
         targets = [target for _, _, target in chunk]
         # Items whose prompts share a prefix run it once (the same logits as `collate` +
         # `target_logits`, a fraction of the compute when a batch holds several of a prompt).
@@ -381,7 +415,8 @@ class ConditionalTrainer:
             num_added_tokens=logits.shape[-1]
             - (ref_logits.shape[-1] if ref_logits is not None else logits.shape[-1]),
         )
-        self.accelerator.backward(loss)
+        self.accelerator.backward(loss * weight)
+        stats = self._global_stats(stats, local_tokens, global_tokens)
         if cfg.max_grad_norm is not None:
             stats["grad_norm"] = float(
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
@@ -389,7 +424,7 @@ class ConditionalTrainer:
         factor = cfg.control_lr_multiplier
         scale_rows = factor != 1.0 and self.control_ids is not None and cfg.lora is None
         if scale_rows:  # with LoRA, the rows' param group has its own learning rate
-            embeddings = self.policy.get_input_embeddings().weight
+            embeddings = acc.unwrap_model(self.policy).get_input_embeddings().weight
             rows = self.control_ids.to(embeddings.device)
             before = embeddings.detach()[rows].clone()
         self.optimizer.step()
@@ -401,3 +436,18 @@ class ConditionalTrainer:
         self.optimizer.zero_grad()
         stats["lr"] = self.scheduler.get_last_lr()[0]
         return stats
+
+    def _global_stats(self, stats: dict, local_tokens: int, global_tokens: int) -> dict:
+        """The batch's token means of the logged losses, from each rank's (its own on one)."""
+        if self.accelerator.num_processes == 1:
+            return stats
+        keys = [k for k in ("loss", "nll", "entropy", "kl") if k in stats]
+        local = torch.tensor(
+            [stats[k] * local_tokens for k in keys], device=self.accelerator.device
+        )
+        summed = self.accelerator.reduce(local, "sum").tolist()
+        return {
+            **stats,
+            **{k: v / global_tokens for k, v in zip(keys, summed, strict=True)},
+            "tokens": float(global_tokens),
+        }

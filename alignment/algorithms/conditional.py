@@ -33,7 +33,7 @@ class Quark:
     def __init__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
     ) -> None:
-        self.config = config
+        self.config, self.accelerator = config, accelerator
         self.num_buckets = config.pool.num_quantiles
         self.conditioning = self.conditioning_for(config)
         self.trainer = ConditionalTrainer(
@@ -77,7 +77,8 @@ class Quark:
         # ALT's order: flush old data, add the new, re-bucket the union
         pool.flush(self.config.pool.drop_factor, random.Random(seed))
         self._add(pool, it_dir)
-        pool.save(path)
+        if self.accelerator.is_main_process:  # every rank built the same pool
+            pool.save(path)
         return pool
 
     def _add(self, pool: DataPool, it_dir: Path) -> None:

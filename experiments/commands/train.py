@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import PartialState
+
 from alignment.algorithms.best_of_n import RESULT, SAMPLES
 from alignment.config import Config, load_config
 from alignment.loop import run as run_loop
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     check_backend(config.sampling)
+    # Under `accelerate launch` the process group comes first: it makes "cuda" mean this rank's
+    # GPU for the reward model as for the policy; the loop's Accelerator reuses this state.
+    state = PartialState(cpu=config.model.device == "cpu")
     options: dict[str, object] = dict(config.reward.options)
     if config.reward.quantization is not None:
         options["quantization"] = config.reward.quantization
@@ -62,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     )
     feedback = build_feedback(config) if config.algorithm == "alt-feedback" else None
     metrics = run_loop(config, reward.score, make_sampler, feedback)
+    if not state.is_main_process:
+        return 0
     print(format_table(metrics))
     if config.algorithm == "best-of-n":
         result = json.loads((Path(config.out_dir) / RESULT).read_text())

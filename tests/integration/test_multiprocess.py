@@ -1,0 +1,155 @@
+"""Two processes (gloo on CPU) through the real `accelerate launch` CLI and the shipped DDP config.
+
+The loop: every prompt sampled exactly once, the main process alone writes each stage, and the
+files hold what a one-process run's hold (the samples themselves differ: each rank draws from its
+own seed), and a rank killed mid-iteration costs nothing once the command is rerun. The
+trainer (top blocks or LoRA): the same items trained on 2 processes give the one-process weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import train_shard
+import yaml
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
+
+from alignment.records import load_samples
+from experiments.cli import main
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CONFIGS = REPO / "experiments" / "accelerate"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+
+
+def launch_2(*args: str) -> None:
+    """`accelerate launch` with the shipped DDP config on 2 processes (on CPU: gloo)."""
+    command = [*LAUNCH, "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2"]
+    done = subprocess.run([*command, *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_parse(path):
+    config = yaml.safe_load(path.read_text())
+    assert config["distributed_type"] in {t.value for t in DistributedType}
+    assert f"--config_file experiments/accelerate/{path.name}" in path.read_text()
+    deepspeed_file = config.get("deepspeed_config", {}).get("deepspeed_config_file")
+    if deepspeed_file is not None:
+        assert json.loads((REPO / deepspeed_file).read_text())["train_micro_batch_size_per_gpu"]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["top-blocks", "lora"])
+def test_two_processes_train_as_one(tmp_path, lora):
+    """Same items, same seed: the weights and logged losses equal the one-process run's. The
+    shards differ in token count and the last batch leaves one rank empty."""
+    train_shard.main(str(tmp_path / "one"), lora=lora)
+    launch_2(str(HERE / "train_shard.py"), str(tmp_path / "two"), *(["lora"] if lora else []))
+    histories = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
+    assert len(histories[0]) == len(histories[1]) == 6
+    for a, b in zip(*histories, strict=True):
+        assert a["tokens"] == b["tokens"]
+        for key in ("loss", "nll", "entropy", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    weights = [load_file(tmp_path / d / "weights.safetensors") for d in ("one", "two")]
+    for name, value in weights[0].items():
+        assert (weights[1][name] - value).abs().max() < 1e-3, name
+
+
+SETTINGS = [
+    *TOY_OVERRIDES,
+    "iterations=1",
+    "data.prompts_per_iteration=9",
+    "data.samples_per_prompt=4",
+    "train.num_epochs=1",
+    "train.batch_size=8",
+    "eval.samples_per_prompt=2",
+]
+
+
+def train_2(out: Path, toy: tuple[Path, Path], reward: str) -> list[str]:
+    """The `accelerate launch` arguments of `quark-alt train` on the toy task into `out`."""
+    args = ["-m", "experiments.cli", "train", "-", *SETTINGS, f"reward.name=toy:{reward}"]
+    return args + run_overrides(out, *toy)
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory):
+    """The toy task run for one iteration on one process (in-process) and on two."""
+    tmp_path = tmp_path_factory.mktemp("loop")
+    toy = write_toy_task(tmp_path)
+    runs = {name: tmp_path / name for name in ("one", "two")}
+    settings = [*SETTINGS, "reward.name=toy:count_e_words"]
+    assert main(["train", "-", *settings, *run_overrides(runs["one"], *toy)]) == 0
+    launch_2(*train_2(runs["two"], toy, "count_e_words"))
+    return toy, runs
+
+
+def test_loop_on_two_processes(loop_runs):
+    """`quark-alt train` under accelerate: one iteration, each stage file written once and whole."""
+    _, runs = loop_runs
+    one, two = (runs[n] / "iter_001" for n in ("one", "two"))
+    assert (two / "pool.jsonl").exists() and (two / "train_log.jsonl").exists()
+    for stage in ("samples.jsonl", "scored.jsonl"):
+        a, b = load_samples(one / stage), load_samples(two / stage)
+        assert [r.id for r in b] == [r.id for r in a], stage  # every prompt once, same order
+        assert all(len(r.generations) == 4 for r in b)
+    for record in load_samples(two / "scored.jsonl"):  # the gathered rewards are the samples'
+        assert record.rewards == count_e_words(None, record.generations)
+    ckpt = runs["two"] / "checkpoints" / "iter_001"
+    assert (ckpt / "model.safetensors").exists()
+    states = sorted(p.name for p in (ckpt / "training_state").glob("random_states_*"))
+    assert states == ["random_states_0.pkl", "random_states_1.pkl"]
+    evals = [json.loads((r / "iter_001" / "eval.json").read_text()) for r in runs.values()]
+    assert evals[0]["heldout"] == evals[1]["heldout"]
+    assert evals[1]["reward_n"] == evals[0]["reward_n"] == 8 * 2
+    metrics = (runs["two"] / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["iteration"] for m in metrics] == [0, 1]
+    assert not list(runs["two"].rglob(".*.tmp"))
+
+
+def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_path):
+    """Rank 1 killed once the samples are written (while the ranks score): torchrun stops the
+    other, and the same command rerun ends with the files and weights of the unbroken run."""
+    toy, runs = loop_runs
+    broken = tmp_path / "broken"
+    command = [*LAUNCH, "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2"]
+    command += train_2(broken, toy, "slow_count_e_words")
+    launcher = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while not (broken / "iter_001" / "samples.jsonl").exists() and time.time() < deadline:
+        assert launcher.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    rank_1 = next(
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if p.environ().get("LOCAL_RANK") == "1"
+    )
+    rank_1.send_signal(signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert not (broken / "iter_001" / "eval.json").exists()
+    launch_2(*train_2(broken, toy, "slow_count_e_words"))
+    unbroken = runs["two"]
+    for name in ["samples.jsonl", "scored.jsonl", "pool.jsonl", "eval_samples.jsonl"]:
+        path = Path("iter_001") / name
+        assert (broken / path).read_text() == (unbroken / path).read_text(), name
+    final = Path("checkpoints") / "iter_001" / "model.safetensors"
+    expected = load_file(unbroken / final)
+    for key, value in load_file(broken / final).items():
+        assert torch.equal(value, expected[key]), key
+    assert not list(broken.rglob(".*.tmp"))
