@@ -100,7 +100,12 @@ def test_quark_learns_the_toy_reward(tmp_path, toy):
 
 def test_run_directory_layout_and_rerun_is_a_no_op(tmp_path, toy):
     config = toy_config(
-        tmp_path, toy, "iterations=1", "train.unfrozen_layers_ratio=0.5", "train.num_epochs=1"
+        tmp_path,
+        toy,
+        "iterations=1",
+        "train.unfrozen_layers_ratio=0.5",
+        "train.num_epochs=1",
+        "eval.conditioning_curve=true",
     )
     run(config, count_e_words, HFSampler)
     out = tmp_path / "run"
@@ -326,7 +331,14 @@ def test_rft_trains_on_the_best_quantile_without_conditioning(tmp_path, toy):
 
 
 def test_alt_rm_conditions_on_feedback_text_without_new_tokens(tmp_path, toy):
-    config = toy_config(tmp_path, toy, "algorithm=alt-rm", "iterations=2", "train.num_epochs=1")
+    config = toy_config(
+        tmp_path,
+        toy,
+        "algorithm=alt-rm",
+        "iterations=2",
+        "train.num_epochs=1",
+        "eval.conditioning_curve=true",
+    )
     run(config, count_e_words, HFSampler)
     out = tmp_path / "run"
     checkpoint = out / "checkpoints" / "iter_002"
