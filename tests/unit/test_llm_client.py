@@ -132,7 +132,10 @@ def test_chat_feedback_parses_good_replies_and_counts_the_rest(server, make_clie
     got = provider.feedback([prompt, prompt], ["Kept the deadline", "a bad one"])
     assert got == [Feedback("Accurate, coherent, misses the deadline.", 2), None]
     assert (provider.stats.requested, provider.stats.unparsable, provider.stats.failed) == (2, 1, 0)
-    system, user = server.requests[0][1]["messages"]
+    # the two requests run concurrently: find the first generation's by its content
+    ((system, user),) = [
+        body["messages"] for _, body in server.requests if "Kept" in body["messages"][1]["content"]
+    ]
     assert system["role"] == "system" and "TL;DR" not in user["content"]
     assert (
         "POST: SUBREDDIT: r/jobs\nPOST: I missed a deadline.\n\nSUMMARY: Kept the deadline"
