@@ -25,21 +25,27 @@ demo: $(STAMP)
 
 # The baselines comparison (experiments/README.md): every algorithm at the same budget, then one
 # paired evaluation on the held-out posts and the report. Hours on 2 CPU cores; every step resumes.
+# `make -j2 compare THREADS=1` trains two runs at a time, one torch thread each.
 COMPARE   := quark quark_suffix rft alt_rm ppo grpo rloo
 RUNS      := runs/compare
+THREADS   ?=
 # the sampling settings of experiments/configs/compare/common.yaml, for every policy alike
 HELDOUT   := --prompts experiments/data/tldr_heldout.jsonl --max-new-tokens 40 \
 	--max-prompt-tokens 256 --keep-tail-tokens 48 --stop-at-newline
 
-compare: $(STAMP)
-	for name in $(COMPARE) best_of_n; do \
-		$(VENV)/bin/quark-alt train experiments/configs/compare/$$name.yaml || exit 1; done
+.PHONY: $(addprefix compare-,$(COMPARE) best_of_n)
+compare: $(addprefix compare-,$(COMPARE) best_of_n)
 	$(VENV)/bin/quark-alt eval $(MODELS_POLICY) $(addprefix $(RUNS)/,$(COMPARE)) $(HELDOUT) \
 		--conditioning-curve --out $(RUNS)/heldout_eval.json
 	$(VENV)/bin/quark-alt eval $(MODELS_POLICY) $(HELDOUT) -k 16 --best-of-n 1 2 4 8 16 \
 		--reference none --out $(RUNS)/heldout_best_of_n.json
 	$(VENV)/bin/quark-alt report $(addprefix $(RUNS)/,$(COMPARE) best_of_n) \
 		--eval $(RUNS)/heldout_eval.json -o $(RUNS)/report.html
+
+# one run of the comparison (a finished run only reloads its models and returns)
+compare-%: $(STAMP)
+	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )$(VENV)/bin/quark-alt train \
+		experiments/configs/compare/$*.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -223,13 +223,14 @@ def stage_train(config: Config, work: Path, variant: str) -> dict:
     models = Models(policy, tokenizer, reference=policy)
     algorithm = ALGORITHMS[config.algorithm](config, models, Accelerator(cpu=True), None)
     rss_loaded = peak_rss_mb()
+    prompts = [PromptRow(str(r.id), r.prompt) for r in load_samples(it_dir / "scored.jsonl")]
     unshared = mock.patch.object(trainer, "shared_prefix_target_logits", plain_target_logits)
     start = time.perf_counter()
     with (
         unshared if sharing == "unshared" else contextlib.nullcontext(),
         mock.patch.object(algorithm, "select", wraps=algorithm.select) as select,
     ):
-        history = algorithm.update(1, it_dir, config.seed + 1)
+        history = algorithm.update(1, it_dir, config.seed + 1, prompts)
     seconds = time.perf_counter() - start
     losses = [h["loss"] for h in history]
     return {

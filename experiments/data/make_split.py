@@ -1,6 +1,6 @@
 """Split ../shared/data/tldr_dev.jsonl by post into train / validation / held-out files.
 
-    python experiments/data/make_split.py [--source F] [--out-dir D] [--stats]
+    .venv/bin/python experiments/data/make_split.py [--source F] [--out-dir D] [--stats]
 
 Rule: identical posts (same text up to whitespace) are merged first, keeping the first row, so
 no post text lands in two files; the remaining rows are ordered by the SHA-256 of their `id`, the
@@ -16,16 +16,14 @@ import argparse
 import hashlib
 import json
 import statistics
-import sys
 from pathlib import Path
+
+from alignment.io import atomic_write
+from alignment.models import load_tokenizer
+from alignment.prompts import load_prompts
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: this checkout's packages
-
-from alignment.io import atomic_write  # noqa: E402
-from alignment.models import load_tokenizer  # noqa: E402
-from alignment.prompts import load_prompts  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "data" / "tldr_dev.jsonl"
 HELDOUT, VALIDATION = 128, 128
