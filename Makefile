@@ -43,7 +43,7 @@ compare: $(addprefix compare-,$(COMPARE) best_of_n)
 		--eval $(RUNS)/heldout_eval.json -o $(RUNS)/report.html
 
 # one run of the comparison (a finished run only reloads its models and returns)
-compare-%: $(STAMP)
+$(addprefix compare-,$(COMPARE) best_of_n): compare-%: $(STAMP)
 	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS) )$(VENV)/bin/quark-alt train \
 		experiments/configs/compare/$*.yaml
 
