@@ -159,7 +159,9 @@ class FeedbackProviderConfig:
     ALT-LMU's defaults: gpt-3.5-turbo-0125 at temperature 0 through an OpenAI-compatible
     endpoint, asked `rewards.feedback.ALT_SUMMARY_PROMPT`, the reply read as Analysis /
     Feedback / Score 0..3. The category labels and SteerLM attribute strings default to the
-    presets in rewards/feedback.py (ALT-LMC's Anthropic HH categories).
+    presets in rewards/feedback.py (ALT-LMC's Anthropic HH categories), asked with the shipped
+    10-shot request `rewards.feedback.ALT_LMC_PROMPT` (rewards/prompts/alt_lmc_10shot.txt: our
+    examples on real HH-RLHF turns, not ALT's text).
     """
 
     kind: Literal["hf", "chat"] = "chat"
@@ -192,8 +194,10 @@ class FeedbackProviderConfig:
     """steerlm: each category's attribute string (`harmful:0,helpful:2`), in `categories`
     order; null = SteerLM's HH strings."""
     prompt: str | None = None
-    """The request, with `{prompt}` and `{completion}`; null = ALT-LMU's summary prompt (parser
-    alt only: ALT-LMC's few-shot prompt is not shipped)."""
+    """The request, with `{prompt}` (the whole prompt) and `{completion}`; null = ALT-LMU's
+    summary prompt (parser alt) or, for categories and steerlm with the HH presets, the shipped
+    10-shot ALT-LMC request (rewards/prompts/alt_lmc_10shot.txt, filled with the prompt's last
+    `Human:` turn); required with categories of your own."""
     system: str | None = None
     """System message sent with `prompt`."""
     template: str | None = None
@@ -223,11 +227,6 @@ class FeedbackProviderConfig:
             raise ValueError(f"feedback_provider.max_retries must be >= 0, got {self.max_retries}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"feedback_provider.temperature must be >= 0, got {self.temperature}")
-        if self.parser != "alt" and self.prompt is None:
-            raise ValueError(
-                f"feedback_provider.prompt is required with parser {self.parser} (the shipped "
-                "prompt asks for ALT-LMU's Analysis / Feedback / Score reply)"
-            )
         if self.parser == "alt" and (self.categories is not None or self.attributes is not None):
             raise ValueError("feedback_provider.categories and .attributes need parser categories")
         if self.attributes is not None and self.parser != "steerlm":
@@ -239,6 +238,11 @@ class FeedbackProviderConfig:
             )
         if self.attributes is not None and len(self.attributes) != len(self.categories or []):
             raise ValueError("feedback_provider.attributes needs one string per category")
+        if self.categories is not None and self.prompt is None:
+            raise ValueError(
+                "feedback_provider.prompt is required with categories of your own (the shipped "
+                "prompts ask for ALT-LMU's reply or for ALT-LMC's HH categories)"
+            )
         if "{feedback}" not in self.condition_template:
             raise ValueError("feedback_provider.template must contain '{feedback}'")
         if self.exemplar is not None and not self.exemplar.strip():

@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 
 import torch
 
@@ -171,14 +172,23 @@ STEERLM_HH_TEXTS = dict(
 # Prompts
 
 
+def last_human_turn(prompt: str) -> str:
+    """The text of a dialogue's last `Human:` turn, up to the `Assistant:` after it: ALT-LMC's
+    judge sees only that turn (the policy's prompt in ALT is that turn too). A prompt without
+    `Human:` is kept whole."""
+    return prompt.rsplit("Human:", 1)[-1].split("Assistant:", 1)[0].strip()
+
+
 @dataclass(frozen=True)
 class FeedbackPrompt:
     """What the judge is asked. `user` holds `{prompt}` and `{completion}` (both stripped);
-    `remove` is a literal taken out of the prompt first (ALT removes `TL;DR:` from the post)."""
+    `remove` is a literal taken out of the prompt first (ALT removes `TL;DR:` from the post);
+    `last_turn` keeps only the prompt's last `Human:` turn (`last_human_turn`, ALT-LMC)."""
 
     user: str
     system: str | None = None
     remove: str | None = None
+    last_turn: bool = False
 
     def __post_init__(self) -> None:
         require_fields(self.user, ("prompt", "completion"), "feedback prompt")
@@ -186,6 +196,8 @@ class FeedbackPrompt:
     def fill(self, prompt: str, completion: str) -> str:
         if self.remove:
             prompt = prompt.replace(self.remove, "")
+        if self.last_turn:
+            prompt = last_human_turn(prompt)
         return self.user.format(prompt=prompt.strip(), completion=completion.strip())
 
     def messages(self, prompt: str, completion: str) -> list[Message]:
@@ -216,6 +228,22 @@ ALT_SUMMARY_PROMPT = FeedbackPrompt(
     ),
     remove="TL;DR:",
 )
+
+
+def packaged_prompt(name: str) -> str:
+    """A request template shipped in `rewards/prompts/`, without its leading `#` lines (the
+    note on where its examples come from, which the judge need not read)."""
+    text = (files("rewards") / "prompts" / name).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    return "".join(lines).strip()
+
+
+# ALT-LMC's request (section 5.3 of the reference notes): a definition of the four HH categories,
+# 10 Human / Assistant / Feedback examples written for this project on real HH-RLHF turns (their
+# rows are named in the file), then the last Human turn and the generation to label.
+ALT_LMC_PROMPT = FeedbackPrompt(user=packaged_prompt("alt_lmc_10shot.txt"), last_turn=True)
 
 # ---------------------------------------------------------------------------------------------
 # Providers

@@ -17,6 +17,7 @@ from alignment.loop import run as run_loop
 from experiments.commands.common import check_backend, format_best_of_n
 from rewards import load_reward
 from rewards.feedback import (
+    ALT_LMC_PROMPT,
     ALT_SUMMARY_PROMPT,
     HH_CATEGORIES,
     STEERLM_HH_ATTRIBUTES,
@@ -108,7 +109,8 @@ def build_feedback(config: Config) -> ProviderFeedback:
         )
         parser, max_score = category, len(labels) - 1
         texts = tuple(dict.fromkeys(f.text for f in category.by_key.values()))  # best first
-    prompt = ALT_SUMMARY_PROMPT
+    # categories of your own come with their own prompt (the config checks it)
+    prompt = ALT_SUMMARY_PROMPT if fp.parser == "alt" else ALT_LMC_PROMPT
     if fp.prompt is not None:
         prompt = FeedbackPrompt(fp.prompt, fp.system)
     provider: FeedbackProvider

@@ -105,7 +105,10 @@ def test_feedback_provider_section():
     [
         (["feedback_provider.max_workers=0"], "feedback_provider.max_workers must be >= 1"),
         (["feedback_provider.timeout=0"], "feedback_provider.timeout must be > 0"),
-        (["feedback_provider.parser=categories"], "feedback_provider.prompt is required"),
+        (
+            ["feedback_provider.parser=categories", "feedback_provider.categories=[a, b]"],
+            "feedback_provider.prompt is required with categories of your own",
+        ),
         (["feedback_provider.kind=api"], "'feedback_provider.kind' must be one of"),
         (["feedback_provider.template=plain"], "must contain '{feedback}'"),
         (["feedback_provider.categories=[a, b]"], "need parser categories"),
