@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from alignment.algorithms import ALGORITHMS, Algorithm, Models
 from alignment.algorithms.best_of_n import write_best_of_n
 from alignment.conditioning import Conditioning
-from alignment.config import Config, SamplingConfig, config_to_dict, dump_config
+from alignment.config import Config, SamplingConfig, config_to_dict, dump_config, load_config
 from alignment.errors import UserError
 from alignment.evaluation import (
     EVAL_SEED_OFFSET,
@@ -360,7 +359,10 @@ def _check_same_config(out: Path, config: Config, clean: bool = True) -> None:
     saved = out / "config.yaml"
     if not saved.exists():
         return
-    previous, current = _flat(yaml.safe_load(saved.read_text())), _flat(config_to_dict(config))
+    # the saved config read as a config: a field added to the code since the run started takes
+    # its default, which keeps the behaviour the run had (that is how fields are added)
+    previous = _flat(config_to_dict(load_config(saved)))
+    current = _flat(config_to_dict(config))
     differ = sorted(
         k
         for k in set(previous) | set(current)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from toy import TOY_OVERRIDES, count_e_words, write_toy_task
 
@@ -22,6 +23,7 @@ from alignment.conditioning import (
     quantile_token,
 )
 from alignment.config import SamplingConfig, load_config
+from alignment.errors import UserError
 from alignment.evaluation import heldout_fingerprint
 from alignment.loop import run
 from alignment.models import load_model_and_tokenizer
@@ -187,6 +189,23 @@ def test_refuses_a_run_directory_of_another_config(tmp_path, toy, capsys, monkey
     rc = train_cli(tmp_path, toy, "iterations=1", "train.num_epochs=1", "train.learning_rate=0.5")
     assert rc == 2
     assert "differs in: train.learning_rate" in capsys.readouterr().err
+
+
+def test_resumes_a_run_saved_before_a_field_was_added(tmp_path, toy, monkeypatch):
+    """A run started by older code has no line for a field added since: the field takes its
+    default (the old behaviour), so the run resumes instead of being refused as another config."""
+    monkeypatch.syspath_prepend(str(HERE))
+    args = ("iterations=1", "train.num_epochs=1", "eval.conditioning_curve=false")
+    run(toy_config(tmp_path, toy, *args), count_e_words, HFSampler)
+    saved = tmp_path / "run" / "config.yaml"
+    tree = yaml.safe_load(saved.read_text())
+    del tree["train"]["batches_by_prompt"]  # as if the field did not exist when the run began
+    saved.write_text(yaml.safe_dump(tree))
+    run(toy_config(tmp_path, toy, *args), count_e_words, HFSampler)  # resumes: nothing to do
+    tree["train"]["learning_rate"] = 0.5
+    saved.write_text(yaml.safe_dump(tree))
+    with pytest.raises(UserError, match="differs in: train.learning_rate"):
+        run(toy_config(tmp_path, toy, *args), count_e_words, HFSampler)
 
 
 @pytest.mark.parametrize(
