@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -23,7 +24,13 @@ from alignment.comparison import conditioning_curve
 from alignment.conditioning import Conditioning
 from alignment.config import Config, SamplingConfig
 from alignment.interfaces import Generation, Sampler, ScoreFn
-from alignment.metrics import distinct_n, mean_and_stderr, mean_perplexity, sequence_kl_estimate
+from alignment.metrics import (
+    distinct_n,
+    mean_and_stderr,
+    mean_perplexity,
+    per_sample_perplexity,
+    sequence_kl_estimate,
+)
 from alignment.prompts import PromptRow
 from alignment.records import SampleRecord
 from alignment.trainer import encode_prompt, encode_target, target_logprobs
@@ -48,6 +55,13 @@ class ScoredSamples:
     @property
     def completions(self) -> list[str]:
         return [g.text for g in self.generations]
+
+
+# `likelihood_metrics`' signature: (policy, reference, tokenizer, sampling, batch_size, scored)
+LikelihoodFn = Callable[
+    [PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase, SamplingConfig, int, ScoredSamples],
+    dict[str, float],
+]
 
 
 def sample_and_score(
@@ -93,8 +107,12 @@ def evaluate(
     score: ScoreFn,
     config: Config,
     conditioning: Conditioning | None,
+    likelihood: LikelihoodFn | None = None,
 ) -> tuple[dict, ScoredSamples]:
     """Metrics of `policy` on `rows`, conditioned on the best control (None: unconditioned).
+
+    `likelihood` computes the perplexity and KL (default `likelihood_metrics`; a multi-process
+    run passes one that splits the samples across processes, as it does `sampler` and `score`).
 
     Also returns the scored generations the metrics were computed from, for the caller to keep
     or to reuse as the best control of `sample_conditioning_curve`.
@@ -109,7 +127,7 @@ def evaluate(
     )
     result: dict = sample_metrics(scored)
     result.update(
-        likelihood_metrics(
+        (likelihood or likelihood_metrics)(
             policy, reference, tokenizer, config.sampling, config.train.batch_size, scored
         )
     )
@@ -185,26 +203,42 @@ def scored_records(
     ]
 
 
-def likelihood_metrics(
+@dataclass(frozen=True)
+class LikelihoodTerms:
+    """The per-sample values behind `likelihood_metrics`, of the generations with at least one
+    token: what each process computes for its own slice of the samples, to be gathered.
+
+    `perplexity`: (n,) reference perplexity of each generation; `kl`: (n,) its log-ratio sum.
+    """
+
+    perplexity: Tensor
+    kl: Tensor
+
+
+def likelihood_terms(
     policy: PreTrainedModel,
     reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     sampling: SamplingConfig,
     batch_size: int,
     scored: ScoredSamples,
-) -> dict[str, float]:
-    """Mean per-sample perplexity under `reference` (bare prompt) and the KL estimate.
+    part: slice = slice(None),
+) -> LikelihoodTerms:
+    """Per-sample reference perplexity (bare prompt) and KL estimate of the samples in `part`.
 
     The policy scores each generation after the text it was conditioned on; `tokenizer` must be
     the policy's (a superset of the reference's vocabulary: the control tokens only).
     """
-    prompts, conditioned, completions = scored.prompts, scored.conditioned, scored.completions
+    prompts, conditioned = scored.prompts[part], scored.conditioned[part]
     # Generation tokens without EOS, as ALT's perplexity script scores the raw text.
     max_new = sampling.max_new_tokens
-    targets = [encode_target(tokenizer, c, add_eos=False, max_tokens=max_new) for c in completions]
+    targets = [
+        encode_target(tokenizer, c, add_eos=False, max_tokens=max_new)
+        for c in scored.completions[part]
+    ]
     keep = [i for i, t in enumerate(targets) if t]
     if not keep:
-        return {"ref_perplexity": math.nan, "kl": math.nan}
+        return LikelihoodTerms(torch.empty(0), torch.empty(0))
     targets = [targets[i] for i in keep]
     bare = [encode_prompt(tokenizer, prompts[i], sampling) for i in keep]
     cond = [encode_prompt(tokenizer, conditioned[i], sampling) for i in keep]
@@ -213,5 +247,31 @@ def likelihood_metrics(
     pol_lp = target_logprobs(policy, cond, targets, pad, batch_size)
     ref_padded = pad_sequence(ref_lp, batch_first=True)
     mask = pad_sequence([torch.ones_like(x) for x in ref_lp], batch_first=True)
-    kl = sequence_kl_estimate(pad_sequence(pol_lp, batch_first=True), ref_padded, mask).tolist()
-    return {"ref_perplexity": mean_perplexity(ref_padded, mask), "kl": sum(kl) / len(kl)}
+    return LikelihoodTerms(
+        per_sample_perplexity(ref_padded, mask),
+        sequence_kl_estimate(pad_sequence(pol_lp, batch_first=True), ref_padded, mask),
+    )
+
+
+def combine_likelihood_terms(parts: Sequence[LikelihoodTerms]) -> dict[str, float]:
+    """`ref_perplexity` and `kl` of all the samples of `parts` (in order), NaN when none has a
+    token: the same numbers whether the samples were scored in one part or in many."""
+    kl = torch.cat([p.kl for p in parts]).tolist()
+    if not kl:
+        return {"ref_perplexity": math.nan, "kl": math.nan}
+    perplexity = mean_perplexity(torch.cat([p.perplexity for p in parts]))
+    return {"ref_perplexity": perplexity, "kl": sum(kl) / len(kl)}
+
+
+def likelihood_metrics(
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sampling: SamplingConfig,
+    batch_size: int,
+    scored: ScoredSamples,
+) -> dict[str, float]:
+    """Mean per-sample perplexity under `reference` (bare prompt) and the mean KL estimate, all
+    samples in this process (`loop.sharded_likelihood` splits them across processes)."""
+    terms = likelihood_terms(policy, reference, tokenizer, sampling, batch_size, scored)
+    return combine_likelihood_terms([terms])

@@ -12,8 +12,9 @@ samples and scores its share of the prompts (`ShardedSampler`, `sharded_score`),
 gathered on every rank, and the main process alone writes a stage's file, after which all ranks
 wait at a barrier. A rank therefore decides "this stage is done" only between barriers, when no
 file is being written, and every rank decides the same. Evaluation samples and scores the same
-way; its teacher-forced likelihoods (reference perplexity, KL) are computed on every rank from
-the gathered samples, one forward pass per sample, cheap next to sampling. Resume a run with
+way, and its teacher-forced likelihoods (reference perplexity, KL) too: each rank runs the
+policy and reference forwards over its slice of the samples (`sharded_likelihood`), and the
+per-sample values are gathered before they are averaged. Resume a run with
 the number of processes it started with: the samples depend on it, and each rank restores its
 own RNG state.
 """
@@ -43,7 +44,11 @@ from alignment.config import Config, SamplingConfig, config_to_dict, dump_config
 from alignment.errors import UserError
 from alignment.evaluation import (
     EVAL_SEED_OFFSET,
+    LikelihoodFn,
+    ScoredSamples,
+    combine_likelihood_terms,
     evaluate,
+    likelihood_terms,
     sample_conditioning_curve,
     scored_records,
 )
@@ -133,8 +138,10 @@ def _iterate(
         }
         accelerator.init_trackers("quark-alt", config=hparams)
     sampler = make_sampler(models.policy, models.tokenizer, config.sampling)
+    likelihood = None  # evaluate's own: every sample on this one process
     if accelerator.num_processes > 1:
         sampler = ShardedSampler(sampler, accelerator)
+        likelihood = sharded_likelihood(accelerator)
     extra = {"feedback": feedback} if feedback is not None else {}
     algorithm = ALGORITHMS[config.algorithm](config, models, accelerator, score, **extra)
     _resume_training_state(algorithm, out)
@@ -155,6 +162,7 @@ def _iterate(
             score,
             config,
             control,
+            likelihood,
         )
         if main:
             save_samples(it_dir / EVAL_SAMPLES, scored_records(eval_rows, scored, iteration))
@@ -280,6 +288,36 @@ def sharded_score(score: ScoreFn, accelerator: Accelerator) -> ScoreFn:
         with accelerator.split_between_processes(pairs) as mine:
             rewards = score([p for p, _ in mine], [c for _, c in mine]) if mine else []
         return gather_object(list(rewards))
+
+    return sharded
+
+
+def shard_slice(n: int, rank: int, num_processes: int) -> slice:
+    """Rank `rank`'s contiguous share of n items, split as `split_between_processes` splits a
+    list (the first n % num_processes ranks take one more), so that the shares, concatenated in
+    rank order (as `gather_object` returns them), are the n items in order."""
+    size, extra = divmod(n, num_processes)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+def sharded_likelihood(accelerator: Accelerator) -> LikelihoodFn:
+    """`evaluation.likelihood_metrics` with the samples split across ranks: each rank runs the
+    forwards over its own slice and the per-sample terms are gathered, so every rank returns
+    the metrics of all the samples without any rank scoring another's."""
+
+    def sharded(
+        policy: PreTrainedModel,
+        reference: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        sampling: SamplingConfig,
+        batch_size: int,
+        scored: ScoredSamples,
+    ) -> dict[str, float]:
+        acc = accelerator
+        part = shard_slice(len(scored.generations), acc.process_index, acc.num_processes)
+        terms = likelihood_terms(policy, reference, tokenizer, sampling, batch_size, scored, part)
+        return combine_likelihood_terms(gather_object([terms]))
 
     return sharded
 

@@ -91,7 +91,7 @@ def per_sample_perplexity(token_logprobs: Tensor, mask: Tensor) -> Tensor:
     return torch.where(counts > 0, ppl, torch.full_like(ppl, math.nan))
 
 
-def mean_perplexity(token_logprobs: Tensor, mask: Tensor) -> float:
+def mean_perplexity(perplexities: Tensor) -> float:
     """The mean of per-sample perplexities, ignoring NaN rows: the number ALT reports.
 
     This is nanmean_i PPL_i (`docs/algorithm.md` section 9), not a corpus perplexity exp(total NLL /
@@ -99,14 +99,18 @@ def mean_perplexity(token_logprobs: Tensor, mask: Tensor) -> float:
     generation can dominate. Kept that way so numbers compare with ALT's. NaN if no row has tokens.
     Original Quark also drops values >= 1e4 before averaging; ALT does not, nor do we.
 
+    It takes the per-sample values rather than logprobs so that processes can each compute
+    theirs and one mean covers them all.
+
     Args:
-        token_logprobs: (b, t), as in `per_sample_perplexity`.
-        mask: (b, t), as in `per_sample_perplexity`.
+        perplexities: (b,) from `per_sample_perplexity` (NaN: a row without tokens).
 
     Returns:
         A Python float.
     """
-    return float(torch.nanmean(per_sample_perplexity(token_logprobs, mask)).item())
+    if perplexities.dim() != 1:
+        raise ValueError(f"perplexities must be (b,), got shape {tuple(perplexities.shape)}")
+    return float(torch.nanmean(perplexities).item())
 
 
 def sequence_kl_estimate(policy_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:

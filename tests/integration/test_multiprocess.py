@@ -25,6 +25,11 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
 
+from alignment.conditioning import Conditioning
+from alignment.config import load_config
+from alignment.evaluation import ScoredSamples, likelihood_metrics
+from alignment.interfaces import Generation
+from alignment.models import load_model_and_tokenizer
 from alignment.records import load_samples
 from experiments.cli import main
 
@@ -116,9 +121,37 @@ def test_loop_on_two_processes(loop_runs):
     evals = [json.loads((r / "iter_001" / "eval.json").read_text()) for r in runs.values()]
     assert evals[0]["heldout"] == evals[1]["heldout"]
     assert evals[1]["reward_n"] == evals[0]["reward_n"] == 8 * 2
+    # each rank scored the likelihoods of its own slice: gathered, they are one process's numbers
+    # on the same samples and weights (the runs' samples differ, so compare with a recomputation)
+    recomputed = one_process_likelihood(runs["two"], "iter_001")
+    for key in ("ref_perplexity", "kl"):
+        assert evals[1][key] == pytest.approx(recomputed[key], rel=1e-5, abs=1e-6), key
     metrics = (runs["two"] / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["iteration"] for m in metrics] == [0, 1]
     assert not list(runs["two"].rglob(".*.tmp"))
+
+
+def one_process_likelihood(run: Path, iteration: str) -> dict[str, float]:
+    """`likelihood_metrics` of a run's saved eval samples under its checkpoint, on this process."""
+    config = load_config(run / "config.yaml")
+    policy, tokenizer = load_model_and_tokenizer(
+        str(run / "checkpoints" / iteration), dtype=config.model.dtype, device="cpu"
+    )
+    reference, _ = load_model_and_tokenizer(
+        config.model.policy, dtype=config.model.dtype, device="cpu"
+    )
+    conditioning = Conditioning.load(run / "checkpoints" / iteration, tokenizer)
+    records = load_samples(run / iteration / "eval_samples.jsonl")
+    pairs = [(r.prompt, g) for r in records for g in r.generations]
+    scored = ScoredSamples(
+        prompts=[p for p, _ in pairs],
+        conditioned=[conditioning.condition(p) for p, _ in pairs],
+        generations=[Generation(g, "stop", 0) for _, g in pairs],  # only the text is scored
+        rewards=[None] * len(pairs),
+        samples_per_prompt=config.eval.samples_per_prompt,
+    )
+    batch_size = config.train.batch_size
+    return likelihood_metrics(policy, reference, tokenizer, config.sampling, batch_size, scored)
 
 
 def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_path):

@@ -62,7 +62,7 @@ def test_perplexity_of_uniform_logprobs_is_vocab_size():
     ppl = per_sample_perplexity(logprobs, mask)
     assert ppl.shape == (2,)
     torch.testing.assert_close(ppl, torch.tensor([7.0, 7.0]))
-    assert mean_perplexity(logprobs, mask) == pytest.approx(7.0)
+    assert mean_perplexity(ppl) == pytest.approx(7.0)
 
 
 def test_perplexity_ignores_masked_tokens_and_empty_rows():
@@ -84,7 +84,7 @@ def test_perplexity_ignores_masked_tokens_and_empty_rows():
     assert math.isnan(ppl[2].item())
     # ALT's report: nanmean of per-sample PPLs = (2.828427 + 4) / 2 = 3.414214, not the corpus
     # perplexity exp((3 ln 2 + 6 ln 2) / 5) = 2 ** 1.8 = 3.482
-    assert mean_perplexity(logprobs, mask) == pytest.approx((2**1.5 + 4) / 2, rel=1e-6)
+    assert mean_perplexity(ppl) == pytest.approx((2**1.5 + 4) / 2, rel=1e-6)
 
 
 def test_perplexity_upcasts_half_precision_and_all_empty_is_nan():
@@ -92,12 +92,14 @@ def test_perplexity_upcasts_half_precision_and_all_empty_is_nan():
     ppl = per_sample_perplexity(logprobs, torch.ones(1, 3))
     assert ppl.dtype == torch.float32
     assert ppl.item() == pytest.approx(2.0, rel=1e-2)
-    assert math.isnan(mean_perplexity(torch.zeros(2, 3), torch.zeros(2, 3)))
+    assert math.isnan(mean_perplexity(per_sample_perplexity(torch.zeros(2, 3), torch.zeros(2, 3))))
 
 
 def test_perplexity_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="mask shape"):
         per_sample_perplexity(torch.zeros(2, 3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"must be \(b,\)"):
+        mean_perplexity(torch.ones(2, 3))  # logprobs, not per-sample perplexities
     with pytest.raises(ValueError, match=r"\(b, t\)"):
         per_sample_perplexity(torch.zeros(3), torch.ones(3))
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from alignment.loop import rank_seed
+import pytest
+from conftest import build_tiny_model
+
+from alignment.config import SamplingConfig
+from alignment.evaluation import (
+    ScoredSamples,
+    combine_likelihood_terms,
+    likelihood_metrics,
+    likelihood_terms,
+)
+from alignment.interfaces import Generation
+from alignment.loop import rank_seed, shard_slice
 from alignment.trainer import shard_loss_weight
 
 
@@ -22,3 +33,44 @@ def test_rank_seeds_differ_and_one_process_keeps_the_seed():
     assert rank_seed(7, 0, 1) == 7
     seeds = {rank_seed(s, r, 4) for s in range(10) for r in range(4)}
     assert len(seeds) == 40
+
+
+def test_shard_slices_split_as_accelerate_and_cover_every_item_once():
+    # 5 items on 3 ranks: divmod(5, 3) = (1, 2), so ranks 0 and 1 take 2 and rank 2 takes 1
+    assert [shard_slice(5, r, 3) for r in range(3)] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert shard_slice(1, 1, 2) == slice(1, 1)  # more ranks than items: an empty share
+    assert shard_slice(9, 0, 1) == slice(0, 9)  # one process: everything
+    for n in range(12):
+        for world in range(1, 6):
+            items = list(range(n))
+            assert [i for r in range(world) for i in items[shard_slice(n, r, world)]] == items
+
+
+def test_likelihood_terms_of_every_rank_combine_to_the_one_process_metrics(tiny_tokenizer):
+    """Ranks simulated by their slices: the gathered per-sample terms give the metrics of all
+    samples on one process, whatever the number of ranks (the batches differ, so up to float
+    rounding); a rank with no sample adds nothing."""
+    eos = tiny_tokenizer.eos_token_id
+    policy = build_tiny_model("gpt2", len(tiny_tokenizer), eos, seed=0)
+    reference = build_tiny_model("gpt2", len(tiny_tokenizer), eos, seed=1)
+    prompts = ["My landlord kept the deposit. TL;DR:", "We adopted a cat. TL;DR:"] * 3 + ["Hi"]
+    texts = ["he kept it", "cat", "the deposit is gone and I am sad", "a", "b c", "", "ok then"]
+    scored = ScoredSamples(
+        prompts=prompts,
+        conditioned=["Good summary: " + p for p in prompts],
+        generations=[Generation(t, "stop", len(t.split())) for t in texts],
+        rewards=[None] * len(texts),
+        samples_per_prompt=1,
+    )
+    sampling = SamplingConfig(max_new_tokens=6)
+    args = (policy, reference, tiny_tokenizer, sampling, 2)
+    whole = likelihood_metrics(*args, scored)
+    assert whole["ref_perplexity"] > 1 and math.isfinite(whole["kl"]) and whole["kl"] != 0
+    for world in (1, 2, 3, 9):
+        parts = [likelihood_terms(*args, scored, shard_slice(7, r, world)) for r in range(world)]
+        assert sum(len(p.kl) for p in parts) == 7  # each sample scored on exactly one rank
+        combined = combine_likelihood_terms(parts)
+        assert combined == pytest.approx(whole, rel=1e-6), world
+        if world == 1:
+            assert combined == whole  # one process: exactly today's numbers
+    assert all(math.isnan(v) for v in combine_likelihood_terms([parts[-1]]).values())  # empty
