@@ -267,11 +267,11 @@ class LoraConfig:
     projections `q_proj`, `v_proj` for GPT-J and Llama, `c_attn` (query, key and value in one
     Conv1D) for GPT-2."""
     checkpoint: Literal["merged", "adapter"] = "merged"
-    """merged: a plain model folder, the adapter merged in (GPT-J 6B in bfloat16: 12 GB an
-    iteration). adapter: peft's adapter alone (r 16 on q_proj, v_proj: ~15 MB) plus the name of
-    its base, the previous checkpoint (iteration 1: `model.policy`); loading one follows the
-    bases and merges the adapters into the model a merged checkpoint would hold, so it needs
-    every earlier checkpoint of the run and `model.policy`."""
+    """merged: a plain model folder, the adapter merged in (GPT-J 6B in bfloat16: 12.1 GB an
+    iteration). adapter: peft's adapter alone (r 16 on q_proj, v_proj, in float32: 29 MB) plus
+    the name of its base, the previous checkpoint (iteration 1: `model.policy`); loading one
+    follows the bases and merges the adapters into the model a merged checkpoint would hold, so
+    it needs every earlier checkpoint of the run and `model.policy` (docs/algorithm.md 19)."""
 
     def __post_init__(self) -> None:
         if self.checkpoint not in ("merged", "adapter"):
