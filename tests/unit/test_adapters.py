@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from conftest import build_tiny_model
 from test_trainer import SAMPLING, _items
 
-from alignment.adapters import ADAPTER_BASE, write_adapter_base
+from alignment.adapters import ADAPTER_BASE, CONTROL_ROWS, write_adapter_base
 from alignment.conditioning import Conditioning, control_token_ids
 from alignment.config import LoraConfig, TrainConfig
 from alignment.errors import UserError
@@ -23,15 +23,16 @@ from alignment.trainer import ConditionalTrainer
 LORA = LoraConfig(r=2, alpha=4.0, dropout=0.0, checkpoint="adapter")
 
 
-def _adapter_run(tmp_path, tokenizer, family, dtype):
+def _adapter_run(tmp_path, tokenizer, family, dtype, conditioned=True):
     """Two LoRA iterations from a saved tiny model, each saved as the loop saves an adapter
     checkpoint; returns (the base folder, the checkpoints, the trained policy, its tokenizer)."""
     base = tmp_path / "base"
     build_tiny_model(family, len(tokenizer), tokenizer.eos_token_id).save_pretrained(base)
     tokenizer.save_pretrained(base)
     policy, tokenizer = load_model_and_tokenizer(str(base), dtype=dtype, device="cpu")
-    conditioning = Conditioning.quantile_tokens(5)
-    conditioning.prepare(tokenizer, policy, seed=7)
+    conditioning = Conditioning.quantile_tokens(5) if conditioned else None  # else as RFT
+    if conditioning is not None:
+        conditioning.prepare(tokenizer, policy, seed=7)
     config = TrainConfig(
         learning_rate=1e-2, batch_size=4, num_epochs=1, warmup_ratio=0.0, lora=LORA
     )
@@ -50,18 +51,24 @@ def _adapter_run(tmp_path, tokenizer, family, dtype):
     return base, checkpoints, policy, tokenizer
 
 
-@pytest.mark.parametrize(("family", "dtype"), [("gpt2", "float32"), ("gptj", "bfloat16")])
+@pytest.mark.parametrize(
+    ("family", "dtype", "conditioned"),
+    [("gpt2", "float32", True), ("gptj", "bfloat16", True), ("gpt2", "float32", False)],
+)
 def test_an_adapter_checkpoint_loads_as_the_weights_training_merged(
-    tmp_path, tiny_tokenizer, family, dtype
+    tmp_path, tiny_tokenizer, family, dtype, conditioned
 ):
     """Bit for bit, every weight: the resized embedding and the rows `prepare` drew for the
     control tokens (GPT-2: tied; GPT-J: an untied head with a bias, whose rows no adapter
     holds), the two merged adapters, in bfloat16 the merges' rounding too; loaded in another
-    dtype, the same weights cast."""
+    dtype, the same weights cast. Without control tokens (RFT) there are no rows to keep."""
     tokenizer = copy.deepcopy(tiny_tokenizer)
-    base, checkpoints, policy, tokenizer = _adapter_run(tmp_path, tokenizer, family, dtype)
+    base, checkpoints, policy, tokenizer = _adapter_run(
+        tmp_path, tokenizer, family, dtype, conditioned
+    )
     for folder in checkpoints:
         assert (folder / "adapter_model.safetensors").is_file()
+        assert (folder / CONTROL_ROWS).is_file() == conditioned
         assert not list(folder.glob("model*.safetensors"))
     assert json.loads((checkpoints[0] / ADAPTER_BASE).read_text()) == {
         "model": str(base),
