@@ -83,6 +83,12 @@ def control_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [idx for _, idx in found]
 
 
+def tied_embeddings(model: PreTrainedModel) -> bool:
+    """Whether the output layer is the input embedding (GPT-2, SmolLM2), not its own (GPT-J)."""
+    output = model.get_output_embeddings()
+    return output is None or output.weight is model.get_input_embeddings().weight
+
+
 def add_control_tokens(
     tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel,
@@ -113,8 +119,7 @@ def add_control_tokens(
     with torch.no_grad():
         _init_rows(model.get_input_embeddings().weight, base_rows, new_ids, generator)
         output = model.get_output_embeddings()
-        tied = output is None or output.weight is model.get_input_embeddings().weight
-        if not tied:
+        if not tied_embeddings(model):
             _init_rows(output.weight, base_rows, new_ids, generator)
             if getattr(output, "bias", None) is not None:
                 output.bias[new_ids] = output.bias[:base_rows].mean()

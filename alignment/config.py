@@ -259,8 +259,7 @@ class LoraConfig:
     iteration"); the next iteration starts a new one on the merged weights. The optimizer
     therefore restarts each iteration, as `train.reset_optimizer` (required with LoRA) does
     anyway, so a resumed run continues exactly. Several iterations add up to a rank of
-    r x iterations at most. Each checkpoint is a plain model folder (the adapter merged in) that
-    every command loads as any other.
+    r x iterations at most. `checkpoint` says what each iteration's checkpoint holds.
     """
 
     r: int = 16
@@ -271,8 +270,18 @@ class LoraConfig:
     """Module names to adapt; null = peft's default for the architecture: the attention
     projections `q_proj`, `v_proj` for GPT-J and Llama, `c_attn` (query, key and value in one
     Conv1D) for GPT-2."""
+    checkpoint: Literal["merged", "adapter"] = "merged"
+    """merged: a plain model folder, the adapter merged in (GPT-J 6B in bfloat16: 12.1 GB an
+    iteration). adapter: peft's adapter alone (r 16 on q_proj, v_proj, in float32: 29 MB) plus
+    the name of its base, the previous checkpoint (iteration 1: `model.policy`); loading one
+    follows the bases and merges the adapters into the model a merged checkpoint would hold, so
+    it needs every earlier checkpoint of the run and `model.policy` (docs/algorithm.md 19)."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint not in ("merged", "adapter"):
+            raise ValueError(
+                f"train.lora.checkpoint must be merged or adapter, got {self.checkpoint!r}"
+            )
         if self.r < 1:
             raise ValueError(f"train.lora.r must be >= 1, got {self.r}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):

@@ -32,12 +32,15 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from alignment.adapters import write_adapter_base
 from alignment.algorithms import ALGORITHMS, Algorithm, Models
+from alignment.algorithms.base import SavesAdapter
 from alignment.algorithms.best_of_n import write_best_of_n
 from alignment.conditioning import Conditioning
 from alignment.config import Config, SamplingConfig, config_to_dict, dump_config, load_config
@@ -516,6 +519,11 @@ the model generate the control tokens."""
 UNCONDITIONED = """It is a plain causal LM: prompt it as the initial policy
 (`quark-alt generate {path} "..."`)."""
 
+ADAPTER = """
+
+This folder holds a LoRA adapter, not the weights: quark-alt's commands load it by merging it
+into its base (`adapter_base.json`), which needs every earlier checkpoint of the run."""
+
 
 def _save_checkpoint(
     models: Models,
@@ -525,7 +533,8 @@ def _save_checkpoint(
     iteration: int,
     accelerator: Accelerator,
 ) -> None:
-    """Model, tokenizer, conditioning, model card and training state, as one atomic folder.
+    """Model (or with `train.lora.checkpoint=adapter` the iteration's adapter and the name of its
+    base), tokenizer, conditioning, model card and training state, as one atomic folder.
 
     The main process makes the folder and writes the model; every rank writes its part of the
     training state into it (accelerate saves each rank's RNG state), and only when all have
@@ -539,7 +548,13 @@ def _save_checkpoint(
         accelerator.wait_for_everyone()
         if not main:
             return
-        models.policy.save_pretrained(tmp, safe_serialization=True)
+        lora = config.train.lora
+        if lora is not None and lora.checkpoint == "adapter":
+            # only algorithms that read `train` (ALGORITHM_SECTIONS) can have train.lora
+            cast(SavesAdapter, algorithm).save_adapter(tmp)
+            write_adapter_base(tmp, iteration, config.model.policy, models.policy.dtype)
+        else:
+            models.policy.save_pretrained(tmp, safe_serialization=True)
         models.tokenizer.save_pretrained(tmp)
         if conditioning is not None:
             conditioning.save(tmp)
@@ -551,6 +566,8 @@ def _save_checkpoint(
             )
         else:
             how = UNCONDITIONED.format(path=path)
+        if lora is not None and lora.checkpoint == "adapter":
+            how += ADAPTER
         (tmp / "README.md").write_text(
             MODEL_CARD.format(
                 algorithm=config.algorithm,

@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from alignment.adapters import apply_adapter, is_adapter_checkpoint, read_adapter_base
 from alignment.errors import UserError, suggest
 from alignment.io import atomic_directory
 
@@ -216,9 +217,16 @@ def load_model(
     """Load weights by hub id, local path or `embedded:` name; eval mode, on `device`.
 
     A `quantization` config (see `quantization_config`) places the model on the GPU itself.
+    An adapter checkpoint (`alignment.adapters`) loads as the merged model it stands for.
     """
     torch_dtype(dtype)
     path = resolve_model_path(name)
+    if is_adapter_checkpoint(path):
+        if head != "causal-lm" or quantization is not None:
+            raise UserError(
+                f"{path}: a LoRA adapter checkpoint loads only as a causal LM in full precision"
+            )
+        return _load_adapter_checkpoint(Path(path), dtype, device, trust_remote_code)
     if Path(path).is_dir() and not _has_weights(Path(path)):
         raise UserError(f"{path}: no model weights (*.safetensors or *.bin) in this folder")
     auto = _AUTO_CLASSES[head]
@@ -247,6 +255,25 @@ def load_model(
         model.to(device or default_device())
     model.eval()
     return model
+
+
+def _load_adapter_checkpoint(
+    folder: Path, dtype: str, device: str | None, trust_remote_code: bool
+) -> PreTrainedModel:
+    """The model a merged checkpoint would hold: the base loaded (itself perhaps an adapter
+    checkpoint, and so on down to `model.policy`) in the dtype the adapter was merged in during
+    training, the adapter merged, then cast to `dtype`. One model is in memory throughout."""
+    base = read_adapter_base(folder)
+    try:
+        model = load_model(
+            base.name, dtype=base.dtype, device=device, trust_remote_code=trust_remote_code
+        )
+    except UserError as err:
+        if base.is_checkpoint:  # its own message names the folder that failed
+            raise
+        raise UserError(f"{folder}: its base model {base.name!r} does not load: {err}") from err
+    model = apply_adapter(model, folder, base.name)
+    return model.to(torch_dtype(dtype)).eval()
 
 
 class _DropLoadReport(logging.Filter):

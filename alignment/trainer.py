@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from alignment.conditioning import Conditioning, control_token_ids
+from alignment.adapters import control_rows, save_control_rows
+from alignment.conditioning import Conditioning, control_token_ids, tied_embeddings
 from alignment.config import LoraConfig, SamplingConfig, TrainConfig
 from alignment.errors import UserError
 from alignment.losses import quark_loss, token_logprobs
@@ -155,8 +158,7 @@ def lora_config(
         modules = {id(m): name for name, m in model.named_modules()}
         targets[modules[id(model.get_input_embeddings())]] = control_ids
         output = model.get_output_embeddings()
-        tied = output is None or output.weight is model.get_input_embeddings().weight
-        if not tied and not mask_control_logits:
+        if not tied_embeddings(model) and not mask_control_logits:
             if getattr(output, "bias", None) is not None:
                 raise UserError(
                     "train.lora with train.mask_control_logits=false cannot train the control "
@@ -209,7 +211,8 @@ def shard_loss_weight(local_tokens: int, global_tokens: int, num_processes: int)
 
 
 class ConditionalTrainer:
-    """Trains the policy on drawn pool items; no sampling, no file I/O but its own state.
+    """Trains the policy on drawn pool items; no sampling, no file I/O but its own state (and
+    its last LoRA adapter, with `train.lora.checkpoint=adapter`).
 
     One AdamW and one scheduler live for the whole run; `reset_optimizer` clears the optimizer's
     moments and restarts the schedule instead of building new ones.
@@ -244,6 +247,10 @@ class ConditionalTrainer:
         else:
             self.policy = policy  # `train` adds a fresh adapter each iteration and merges it
             self._lora = lora_config(policy, config.lora, ids, config.mask_control_logits)
+        # train.lora.checkpoint=adapter: the last adapter as peft saved it before its merge, and
+        # the control rows of the weights it was trained on (`save_adapter`)
+        self._adapter: tempfile.TemporaryDirectory | None = None
+        self._base_rows: dict[str, Tensor] | None = None
         # The weights are saved as a checkpoint by the loop (save_pretrained); the training
         # state next to them holds only what the checkpoint lacks.
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
@@ -275,6 +282,8 @@ class ConditionalTrainer:
         Scaling a group's learning rate scales its whole AdamW step, which is what the full
         fine-tuning path does to the rows by hand (peft keeps them in their own tensor here).
         """
+        if self.config.lora.checkpoint == "adapter" and self.control_ids is not None:
+            self._base_rows = control_rows(self.policy, self.control_ids.tolist())
         model = get_peft_model(self.policy, self._lora)
         trainable, total = model.get_nb_trainable_parameters()
         log.info("training a LoRA adapter: %d of %d parameters", trainable, total)
@@ -293,8 +302,26 @@ class ConditionalTrainer:
         flat and its saved training state free of the adapters of finished iterations.
         """
         peft_model = self.accelerator.unwrap_model(self.policy)
+        if self.config.lora.checkpoint == "adapter" and self.accelerator.is_main_process:
+            if self._adapter is not None:
+                self._adapter.cleanup()
+            self._adapter = tempfile.TemporaryDirectory(prefix="quark-alt-adapter-")
+            # save_embedding_layers=False: peft would otherwise save both whole embedding
+            # matrices of a resized model (GPT-J: ~0.8 GB), and ask the hub for the base's config
+            peft_model.save_pretrained(self._adapter.name, save_embedding_layers=False)
         self.policy = peft_model.merge_and_unload()
         self.accelerator.free_memory()
+
+    def save_adapter(self, folder: Path) -> None:
+        """The last iteration's adapter (peft's files) and, with control tokens, the control rows
+        of the weights it was trained on (`alignment.adapters`), into a checkpoint folder."""
+        if self._adapter is None:
+            raise RuntimeError("no adapter to save: save_adapter follows train on the main process")
+        for file in Path(self._adapter.name).iterdir():
+            if file.name != "README.md":  # peft's model card; the checkpoint has its own
+                shutil.copy2(file, folder / file.name)
+        if self._base_rows is not None:
+            save_control_rows(self._base_rows, folder)
 
     def save_state(self, folder: str | Path) -> None:
         """Optimizer, scheduler and RNG state, through accelerate, into `folder`."""

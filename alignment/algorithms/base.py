@@ -62,6 +62,15 @@ class Algorithm(Protocol):
     def load_state(self, folder: Path) -> None: ...
 
 
+class SavesAdapter(Protocol):
+    """An algorithm that trains LoRA adapters through the conditional trainer (`train.lora`)."""
+
+    def save_adapter(self, folder: Path) -> None:
+        """Write the last update's adapter, and what it needs of its base, into a checkpoint
+        folder (`alignment.adapters`)."""
+        ...
+
+
 class AlgorithmFactory(Protocol):
     def __call__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn

@@ -92,6 +92,9 @@ class Quark:
     def load_state(self, folder: Path) -> None:
         self.trainer.load_state(folder)
 
+    def save_adapter(self, folder: Path) -> None:
+        self.trainer.save_adapter(folder)
+
 
 class RejectionSampling(Quark):
     """RFT: fine-tune on each prompt's best quantile only, without any control token."""

@@ -132,6 +132,7 @@ def test_unmasked_control_logits_under_a_head_with_a_bias_are_refused(tiny_token
         (["train.lora.target_modules=[]"], "target_modules must name modules"),
         (["train.lora=16"], "'train.lora' must be a section"),
         (["train.lora.rank=16"], "unknown key 'train.lora.rank'"),
+        (["train.lora.checkpoint=full"], r"'train.lora.checkpoint' must be one of \['merged', "),
     ],
 )
 def test_bad_lora_settings_are_refused(overrides, message):
