@@ -106,13 +106,19 @@ def target_logprobs(
     pad_id: int,
     batch_size: int,
 ) -> list[Tensor]:
-    """log p(target token | prompt, earlier target tokens) for each pair; one 1-D tensor each."""
+    """log p(target token | prompt, earlier target tokens) for each pair; one 1-D tensor each.
+
+    Pairs that share a prompt (K samples of one prompt, in a row) run it once per batch
+    (`shared_prefix_target_logits`): evaluation scores every sample under two models, and
+    teacher-forcing each sample's whole prompt cost more than sampling them did.
+    """
     out: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
-        batch = collate(
-            prompts[start : start + batch_size], targets[start : start + batch_size], pad_id
+        end = start + batch_size
+        logits, batch = shared_prefix_target_logits(
+            model, prompts[start:end], targets[start:end], pad_id
         )
-        logprobs = token_logprobs(target_logits(model, batch), batch.labels.to(model.device))
+        logprobs = token_logprobs(logits, batch.labels.to(model.device))
         for row, n in zip(logprobs.cpu(), batch.label_mask.sum(-1).tolist(), strict=True):
             out.append(row[:n])
     return out

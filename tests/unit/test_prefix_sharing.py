@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from alignment.conditioning import add_control_tokens, condition_prompt, quantile_token
-from alignment.losses import quark_loss
+from alignment.losses import quark_loss, token_logprobs
 from alignment.prefix_sharing import (
     PrefixGroup,
     build_shared_batch,
@@ -27,7 +27,7 @@ from alignment.prefix_sharing import (
     shared_prefix_target_logits,
     shared_target_logits,
 )
-from alignment.trainer import collate, freeze_bottom_layers, target_logits
+from alignment.trainer import collate, freeze_bottom_layers, target_logits, target_logprobs
 from tests.conftest import DEMO_PROMPTS, build_tiny_model, build_tiny_tokenizer
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -305,3 +305,21 @@ def test_reference_forward_shares_one_prefix_per_post(tokenizer: PreTrainedToken
     assert fed_shared < fed_plain / 2
     mask = plain_batch.label_mask.bool()
     torch.testing.assert_close(shared[mask], plain[mask], atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("batch_size", [4, 64])
+def test_target_logprobs_equal_the_plain_forward(
+    tokenizer: PreTrainedTokenizerFast, batch_size: int
+) -> None:
+    """Evaluation's and PPO's log-probabilities (prompts repeated K times in a row, batches that
+    cut a prompt's samples apart) equal the plain forward's, target token by target token."""
+    _, reference = _setup("gptj", tokenizer)
+    items = _items(tokenizer, "prefix")
+    refs, targets = [r for _, r, _ in items], [t for _, _, t in items]
+    shared = target_logprobs(reference, refs, targets, tokenizer.pad_token_id, batch_size)
+    with torch.no_grad():
+        batch = collate(refs, targets, tokenizer.pad_token_id)
+        plain = token_logprobs(target_logits(reference, batch), batch.labels)
+    assert [len(row) for row in shared] == [len(t) for t in targets]
+    for i, row in enumerate(shared):
+        torch.testing.assert_close(row, plain[i, : len(targets[i])], atol=ATOL, rtol=RTOL)
