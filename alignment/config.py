@@ -213,20 +213,17 @@ class FeedbackProviderConfig:
         return FEEDBACK_TEMPLATES["alt" if self.parser == "alt" else "categories"]
 
     def __post_init__(self) -> None:
-        positive = {
-            "max_workers": self.max_workers,
-            "max_new_tokens": self.max_new_tokens,
-            "batch_size": self.batch_size,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"feedback_provider.{name} must be >= 1, got {value}")
-        if not (math.isfinite(self.timeout) and self.timeout > 0):
-            raise ValueError(f"feedback_provider.timeout must be > 0, got {self.timeout}")
-        if self.max_retries < 0:
-            raise ValueError(f"feedback_provider.max_retries must be >= 0, got {self.max_retries}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"feedback_provider.temperature must be >= 0, got {self.temperature}")
+        refuse_out_of_range(
+            "feedback_provider",
+            {
+                "max_workers": (self.max_workers, ">= 1", lambda v: v >= 1),
+                "max_new_tokens": (self.max_new_tokens, ">= 1", lambda v: v >= 1),
+                "batch_size": (self.batch_size, ">= 1", lambda v: v >= 1),
+                "timeout": (self.timeout, "> 0", lambda v: v > 0),
+                "max_retries": (self.max_retries, ">= 0", lambda v: v >= 0),
+                "temperature": (self.temperature, ">= 0", lambda v: v >= 0),
+            },
+        )
         if self.parser == "alt" and (self.categories is not None or self.attributes is not None):
             raise ValueError("feedback_provider.categories and .attributes need parser categories")
         if self.attributes is not None and self.parser != "steerlm":
@@ -282,12 +279,14 @@ class LoraConfig:
             raise ValueError(
                 f"train.lora.checkpoint must be merged or adapter, got {self.checkpoint!r}"
             )
-        if self.r < 1:
-            raise ValueError(f"train.lora.r must be >= 1, got {self.r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"train.lora.alpha must be > 0, got {self.alpha}")
-        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
-            raise ValueError(f"train.lora.dropout must be in [0, 1), got {self.dropout}")
+        refuse_out_of_range(
+            "train.lora",
+            {
+                "r": (self.r, ">= 1", lambda v: v >= 1),
+                "alpha": (self.alpha, "> 0", lambda v: v > 0),
+                "dropout": (self.dropout, "in [0, 1)", lambda v: 0 <= v < 1),
+            },
+        )
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("train.lora.target_modules must name modules (or be null)")
 
