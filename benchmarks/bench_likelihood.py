@@ -4,7 +4,8 @@ A speed measurement, not a test. `evaluation.likelihood_terms` scores every eval
 the policy and the reference (`trainer.target_logprobs`); the samples come K per prompt, in a
 row. Two ways with the same weights and batches:
 
-- **plain**: `trainer.collate` + `target_logits`, every sample's whole prompt run again;
+- **plain**: the same function with `trainer.collate` + `target_logits` as its forward
+  (`bench_iteration.plain_target_logits`), every sample's whole prompt run again;
 - **shared**: `trainer.target_logprobs` as shipped, each batch's prompts run once
   (`prefix_sharing.shared_prefix_target_logits`), only the targets per sample.
 
@@ -25,21 +26,17 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
+from bench_iteration import plain_target_logits
 
+from alignment import trainer
 from alignment.config import SamplingConfig
 from alignment.io import atomic_write
-from alignment.losses import token_logprobs
 from alignment.models import load_model_and_tokenizer
 from alignment.prompts import load_prompts
-from alignment.trainer import (
-    collate,
-    encode_prompt,
-    encode_target,
-    target_logits,
-    target_logprobs,
-)
+from alignment.trainer import encode_prompt, encode_target, target_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "experiments" / "data" / "tldr_validation.jsonl"
@@ -58,15 +55,11 @@ def workload(tokenizer, num_posts: int) -> tuple[list[list[int]], list[list[int]
     return prompts, targets
 
 
-@torch.no_grad()
 def plain_logprobs(model, prompts, targets, pad: int, batch_size: int) -> list[torch.Tensor]:
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        end = start + batch_size
-        batch = collate(prompts[start:end], targets[start:end], pad)
-        logprobs = token_logprobs(target_logits(model, batch), batch.labels)
-        out += [row[:n] for row, n in zip(logprobs, batch.label_mask.sum(-1).tolist(), strict=True)]
-    return out
+    """`target_logprobs` with its forward swapped for the plain one, so the two ways differ in
+    nothing else (`bench_iteration.plain_target_logits`)."""
+    with mock.patch.object(trainer, "shared_prefix_target_logits", plain_target_logits):
+        return target_logprobs(model, prompts, targets, pad, batch_size)
 
 
 def main() -> None:
