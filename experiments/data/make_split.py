@@ -1,4 +1,4 @@
-"""Split ../shared/data/tldr_dev.jsonl by post into train / validation / held-out files.
+"""Split the TL;DR dev set (`--source`) by post into train / validation / held-out files.
 
     .venv/bin/python experiments/data/make_split.py [--source F] [--out-dir D] [--stats]
 
