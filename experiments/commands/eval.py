@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import math
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -241,7 +240,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if judge is not None:
         settings["judge"] = {"url": args.judge_url, "model": args.judge_model}
-    done = Path(f"{args.out}.parts")  # each finished policy, so a killed eval resumes
+    # Each finished policy stays here, so a killed eval resumes and a later eval that adds a
+    # policy to the same comparison recomputes only the new one.
+    done = Path(f"{args.out}.parts")
     results: list[dict] = []
     baseline_means: list[float | None] | None = None
     for name, path, conditioning in zip(args.policies, paths, conditionings, strict=True):
@@ -277,7 +278,6 @@ def run(args: argparse.Namespace) -> int:
     with atomic_write(args.out) as handle:
         json.dump(_nan_to_none(report), handle, indent=1, ensure_ascii=False)
         handle.write("\n")
-    shutil.rmtree(done, ignore_errors=True)
     print(f"wrote {args.out}")
     return 0
 

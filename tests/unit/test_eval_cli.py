@@ -261,10 +261,16 @@ def test_a_killed_eval_resumes_from_its_finished_policies(
     report = json.loads(out.read_text())
     assert [p["path"] for p in report["policies"]] == [str(tiny_model_dir), str(conditioned_dir)]
     assert report["policies"][1]["paired_vs_baseline"]["n"] == 3
-    assert not Path(f"{out}.parts").exists()  # a finished eval leaves only its report
+    # a finished eval keeps its parts: evaluating one more policy recomputes only that one
+    another = tmp_path / "another"
+    shutil.copytree(tiny_model_dir, another)
+    evaluated.clear()
+    assert run_eval(*argv[:2], str(another), *argv[2:]) == 0
+    assert evaluated == [str(another)]
+    assert len(json.loads(out.read_text())["policies"]) == 3
     # other settings are another evaluation: nothing is reused from it
     evaluated.clear()
-    assert run_eval(*argv[:-2], "--out", str(out), "--seed", "4") == 0
+    assert run_eval(*argv, "-k", "1") == 0
     assert evaluated == [str(tiny_model_dir), str(conditioned_dir)]
 
 
