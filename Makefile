@@ -40,7 +40,8 @@ compare: $(addprefix compare-,$(COMPARE) best_of_n)
 	$(VENV)/bin/quark-alt eval $(MODELS_POLICY) $(HELDOUT) -k 16 --best-of-n 1 2 4 8 16 \
 		--reference none --out $(RUNS)/heldout_best_of_n.json
 	$(VENV)/bin/quark-alt report $(addprefix $(RUNS)/,$(COMPARE) best_of_n) \
-		--eval $(RUNS)/heldout_eval.json -o $(RUNS)/report.html
+		--eval $(RUNS)/heldout_eval.json --eval $(RUNS)/heldout_best_of_n.json \
+		-o $(RUNS)/report.html --markdown $(RUNS)/results.md
 
 # one run of the comparison (a finished run only reloads its models and returns)
 $(addprefix compare-,$(COMPARE) best_of_n): compare-%: $(STAMP)

@@ -37,7 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eval",
         metavar="FILE.json",
-        help="a `quark-alt eval --out` file: add its paired-comparison table",
+        action="append",
+        default=[],
+        help="a `quark-alt eval --out` file: add its paired-comparison table (and best-of-N); "
+        "repeat for several",
+    )
+    parser.add_argument(
+        "--markdown",
+        metavar="FILE.md",
+        help="also write the --eval tables as Markdown, for a README",
     )
     parser.add_argument(
         "--examples", type=int, default=3, help="held-out prompts shown side by side"
@@ -47,12 +55,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.examples < 0:
         raise UserError(f"--examples must be >= 0, got {args.examples}")
+    if args.markdown and not args.eval:
+        raise UserError("--markdown writes the --eval tables; give at least one --eval FILE.json")
     runs = load_runs([Path(r) for r in args.runs])
-    eval_report = load_eval_report(Path(args.eval)) if args.eval else None
-    page = build_html(runs, eval_report, examples=args.examples)
+    eval_reports = [load_eval_report(Path(path)) for path in args.eval]
+    page = build_html(runs, eval_reports, examples=args.examples)
     with atomic_write(args.out) as handle:
         handle.write(page)
     print(f"wrote {args.out} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+    if args.markdown:
+        with atomic_write(args.markdown) as handle:
+            handle.write(markdown_tables(eval_reports, args.eval, runs))
+        print(f"wrote {args.markdown}")
     return 0
 
 
@@ -337,34 +351,100 @@ def curve_section(runs: list[Run]) -> str:
     return "".join(parts)
 
 
-def paired_section(report: dict) -> str:
-    header = ["policy", "reward ± SE", "vs baseline ± SE", "W/T/L", "ref perplexity", "KL"]
-    header += ["win rate vs references", "best − worst control"]
+def _run_of(policy: dict, runs: list[Run]) -> Run | None:
+    """The run directory an evaluated policy was named by, when it is one of the report's."""
+    named = Path(str(policy["name"])).resolve()
+    return next((r for r in runs if Path(r.name).resolve() == named), None)
+
+
+def _win_rate(paired: dict) -> float | None:
+    """Prompts where the policy beat the baseline, a tie counting one half."""
+    n = paired.get("n")
+    if not isinstance(n, int) or n < 1:
+        return None
+    return (paired.get("wins", 0) + 0.5 * paired.get("ties", 0)) / n
+
+
+def eval_tables(report: dict, runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of one `quark-alt eval` report, as plain text: the paired table,
+    then best-of-N when the eval computed it. The run columns (algorithm, samples, wall time)
+    come from the run directory a policy was named by; HTML and Markdown render the same rows."""
+    header = ["policy", "algorithm", "samples used", "reward ± SE", "paired gain ± SE"]
+    header += ["W/T/L", "win rate vs baseline", "win rate vs references", "KL"]
+    header += ["ref perplexity", "length", "best − worst control", "run wall time (s)"]
     rows = []
     for policy in report["policies"]:
         m, paired, curve = policy["metrics"], policy.get("paired_vs_baseline"), _curve(policy)
-        win = m.get("win_rate_vs_references")
+        run, win = _run_of(policy, runs), m.get("win_rate_vs_references")
         rows.append(
             [
-                html.escape(str(policy["name"])),
+                str(policy["name"]),
+                run.algorithm if run else "–",
+                str(run.samples_seen[-1]) if run else "–",
                 _pm(m.get("reward_mean"), m.get("reward_stderr")),
                 _pm(paired.get("mean"), paired.get("stderr")) if paired else "baseline",
                 _wins(paired) if paired else "–",
-                _num(m.get("ref_perplexity"), 2),
-                _num(m.get("kl")),
+                _num(_win_rate(paired)) if paired else "–",
                 _pm(win.get("mean"), win.get("stderr")) if isinstance(win, dict) else "–",
+                _num(m.get("kl")),
+                _num(m.get("ref_perplexity"), 2),
+                _num(m.get("length"), 1),
                 _pm(curve["best_minus_worst"]["mean"], curve["best_minus_worst"]["stderr"])
                 if curve
                 else "–",
+                _num(run.seconds, 0) if run else "–",
             ]
         )
+    tables = [("Paired comparison", header, rows)]
+    best = [
+        [
+            str(policy["name"]),
+            str(row.get("n")),
+            str(row.get("samples")),
+            _pm(row.get("reward_mean"), row.get("reward_stderr")),
+            _pm(row.get("kl_estimate"), row.get("kl_estimate_stderr")),
+            _num(row.get("kl_bound")),
+        ]
+        for policy in report["policies"]
+        for row in policy.get("best_of_n") or []
+    ]
+    if best:
+        header = ["policy", "N", "samples", "reward ± SE", "KL estimate ± SE", "KL bound"]
+        tables.append(("Best of N", header, best))
+    return tables
+
+
+def _settings_note(report: dict) -> str:
     settings = report.get("settings", {})
-    note = ", ".join(
-        f"{k} {html.escape(str(settings[k]))}"
+    return ", ".join(
+        f"{k} {settings[k]}"
         for k in ("prompts", "num_prompts", "samples_per_prompt", "seed", "reward")
         if k in settings
     )
-    return f"<p>{note}</p>" + _table(header, rows)
+
+
+def paired_section(report: dict, runs: list[Run]) -> str:
+    parts = [f"<p>{html.escape(_settings_note(report))}</p>"]
+    for title, header, rows in eval_tables(report, runs):
+        escaped = [[html.escape(cell) for cell in row] for row in rows]
+        parts.append(f"<h3>{html.escape(title)}</h3>" + _table(header, escaped, text_columns=2))
+    return "".join(parts)
+
+
+def markdown_tables(reports: list[dict], paths: list[str], runs: list[Run]) -> str:
+    """The --eval tables as GitHub Markdown, each under the file and settings it came from."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    parts = []
+    for report, path in zip(reports, paths, strict=True):
+        parts.append(f"`{path}`: {_settings_note(report)}\n")
+        for title, header, rows in eval_tables(report, runs):
+            align = ["---" if i < 2 else "---:" for i in range(len(header))]
+            table = [line(header), "| " + " | ".join(align) + " |", *map(line, rows)]
+            parts.append(f"**{title}**\n\n" + "\n".join(table) + "\n")
+    return "\n".join(parts)
 
 
 def examples_section(runs: list[Run], count: int, per_run: int = 2) -> str:
@@ -446,7 +526,7 @@ def _section(key: str, title: str, content: str) -> str:
     return f'<section id="{key}"><h2>{html.escape(title)}</h2>{content}</section>'
 
 
-def build_html(runs: list[Run], eval_report: dict | None = None, examples: int = 3) -> str:
+def build_html(runs: list[Run], eval_reports: list[dict] | None = None, examples: int = 3) -> str:
     """The whole page; every image is inline, so it opens anywhere with no network."""
     held = "Held-out set: " + describe_heldout(runs[0].final.get("heldout"))
     body = [
@@ -454,10 +534,9 @@ def build_html(runs: list[Run], eval_report: dict | None = None, examples: int =
         "<div class=grid>" + "".join(_section(*plot) for plot in metric_plots(runs)) + "</div>",
         _section("conditioning", "Conditioning curve", curve_section(runs)),
     ]
-    if eval_report is not None:
-        body.append(
-            _section("paired", "Paired comparison (quark-alt eval)", paired_section(eval_report))
-        )
+    if eval_reports:
+        paired = "".join(paired_section(report, runs) for report in eval_reports)
+        body.append(_section("paired", "Paired comparison (quark-alt eval)", paired))
     body.append(_section("examples", "Example generations", examples_section(runs, examples)))
     names = ", ".join(f"{html.escape(r.name)} ({html.escape(r.algorithm)})" for r in runs)
     return (

@@ -108,9 +108,9 @@ def test_report_has_sections_rows_images_and_no_urls(tmp_path):
     assert "<script" not in page and "<link" not in page
 
 
-def test_eval_file_adds_the_paired_table(tmp_path):
+def test_eval_files_add_paired_and_best_of_n_tables_in_html_and_markdown(tmp_path, capsys):
     run = write_run(tmp_path / "run", "quark")
-    paired = {"baseline": "init", "mean": 0.25, "stderr": 0.1, "n": 2, "wins": 2, "ties": 0}
+    paired = {"baseline": "init", "mean": 0.25, "stderr": 0.1, "n": 2, "wins": 1, "ties": 1}
     eval_json = tmp_path / "eval.json"
     eval_json.write_text(
         json.dumps(
@@ -119,8 +119,8 @@ def test_eval_file_adds_the_paired_table(tmp_path):
                 "policies": [
                     {"name": "init", "metrics": {"reward_mean": 1.0}, "paired_vs_baseline": None},
                     {
-                        "name": "trained",
-                        "metrics": {"reward_mean": 1.25, "reward_stderr": 0.2},
+                        "name": str(run),  # named by its run directory: the run's columns join
+                        "metrics": {"reward_mean": 1.25, "reward_stderr": 0.2, "kl": 0.5},
                         "paired_vs_baseline": {**paired, "losses": 0},
                         "conditioning_curve": CURVE,
                     },
@@ -128,11 +128,41 @@ def test_eval_file_adds_the_paired_table(tmp_path):
             }
         )
     )
-    rc, page = report(tmp_path, str(run), "--eval", str(eval_json))
+    best = {"n": 4, "samples": 8, "reward_mean": 0.5, "reward_stderr": 0.1, "kl_bound": 0.636}
+    best_json = tmp_path / "best.json"
+    best_json.write_text(
+        json.dumps(
+            {
+                "settings": {"prompts": "held.jsonl", "samples_per_prompt": 4},
+                "policies": [{"name": "init", "metrics": {}, "best_of_n": [best]}],
+            }
+        )
+    )
+    md = tmp_path / "results.md"
+    argv = [str(run), "--eval", str(eval_json), "--eval", str(best_json), "--markdown", str(md)]
+    rc, page = report(tmp_path, *argv)
     assert rc == 0
     section = page.split('<section id="paired">')[1].split("</section>")[0]
-    assert "init" in section and "baseline" in section
-    assert "0.250 ± 0.100" in section and "2/0/0" in section and "held.jsonl" in section
+    assert section.count("<h3>Paired comparison</h3>") == 2 and "<h3>Best of N</h3>" in section
+    trained = re.findall(r"<tr>(.*?)</tr>", section)[2]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", trained)
+    # policy, algorithm, samples, reward, gain, W/T/L, win rate (a tie is 1/2), vs refs, KL, ...
+    assert cells[:9] == [str(run), "quark", "12", "1.250 ± 0.200", "0.250 ± 0.100", "1/1/0"] + [
+        "0.750",
+        "–",
+        "0.500",
+    ]
+    assert cells[11:] == ["1.500 ± 1.500", "6"]  # best - worst control; the run's wall time
+    lines = md.read_text().splitlines()
+    assert lines[0] == f"`{eval_json}`: prompts held.jsonl, samples_per_prompt 4"
+    assert "| policy | algorithm | samples used | reward ± SE |" in lines[4]
+    assert lines[5].startswith("| --- | --- | ---: |")
+    assert "| init | – | – | 1.000 ± – | baseline |" in lines[6]
+    assert lines[7].startswith(f"| {run} | quark | 12 | 1.250 ± 0.200 | 0.250 ± 0.100 | 1/1/0 |")
+    assert "| init | 4 | 8 | 0.500 ± 0.100 | – ± – | 0.636 |" in lines
+    capsys.readouterr()
+    assert main(["report", str(run), "--markdown", str(md), "-o", str(tmp_path / "x")]) == 2
+    assert "--markdown writes the --eval tables" in capsys.readouterr().err
 
 
 def test_mixed_heldout_sets_are_refused_naming_the_runs(tmp_path, capsys):
