@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from alignment.comparison import paired_difference
 from alignment.errors import UserError
 from alignment.io import atomic_write
 from alignment.loop import EVAL_SAMPLES, TIMING
@@ -203,6 +204,16 @@ def load_eval_report(path: Path) -> dict:
         isinstance(p, dict) and "name" in p and isinstance(p.get("metrics"), dict) for p in policies
     ):
         raise UserError(f"{path}: not a `quark-alt eval` report (needs 'policies' with metrics)")
+    counts = {
+        len(means)
+        for p in policies
+        if isinstance(means := p["metrics"].get("per_prompt_reward"), list)
+    }
+    if len(counts) > 1:
+        raise UserError(
+            f"{path}: metrics.per_prompt_reward has {sorted(counts)} prompts across policies; "
+            "one eval scores every policy on the same prompts"
+        )
     return report
 
 
@@ -411,7 +422,34 @@ def eval_tables(report: dict, runs: list[Run]) -> list[tuple[str, list[str], lis
     if best:
         header = ["policy", "N", "samples", "reward ± SE", "KL estimate ± SE", "KL bound"]
         tables.append(("Best of N", header, best))
+    if pairwise := pairwise_table(report["policies"]):
+        tables.append(pairwise)
     return tables
+
+
+def pairwise_table(policies: list[dict]) -> tuple[str, list[str], list[list[str]]] | None:
+    """Every policy against every other on the same prompts: the row's per-prompt reward minus
+    the column's, mean ± SE of the differences. The paired table compares each policy with the
+    baseline only; this answers "does A beat B" for any two. None with fewer than three."""
+    scored = [
+        (str(p["name"]), means)
+        for p in policies
+        if isinstance(means := p["metrics"].get("per_prompt_reward"), list)
+    ]
+    if len(scored) < 3:
+        return None
+    header = ["row − column", *(Path(name).name for name, _ in scored)]
+    rows = []
+    for name, means in scored:
+        cells = [Path(name).name]
+        for other, other_means in scored:
+            if other == name:
+                cells.append("–")
+                continue
+            d = paired_difference(other_means, means)
+            cells.append(_pm(d.mean, d.stderr))
+        rows.append(cells)
+    return "Paired differences between policies (reward)", header, rows
 
 
 def _settings_note(report: dict) -> str:

@@ -14,7 +14,7 @@ from alignment.evaluation import heldout_fingerprint
 from alignment.prompts import PromptRow
 from alignment.records import SampleRecord, save_samples
 from experiments.cli import main
-from experiments.commands.report import examples_section, load_run, load_runs
+from experiments.commands.report import examples_section, load_run, load_runs, pairwise_table
 
 HELDOUT = [
     PromptRow("a", "POST: my <b>dog</b> ate a sock\nTL;DR:"),
@@ -199,3 +199,24 @@ def test_examples_note_runs_without_saved_generations(tmp_path):
     section = examples_section([saved, older], count=1)
     assert f"No saved eval generations (eval_samples.jsonl) in: {older.name}" in section
     assert "quark on a" in section and "quark on b" not in section  # count=1
+
+
+def test_pairwise_table_is_row_minus_column_paired_by_prompt(tmp_path, capsys):
+    run = write_run(tmp_path / "run", "quark")
+    per_prompt = {"init": [0.0, 1.0, 2.0], "a/ppo": [1.0, 1.0, 4.0], "b/quark": [0.0, 2.0, 2.0]}
+    policies = [
+        {"name": name, "metrics": {"per_prompt_reward": means}}
+        for name, means in per_prompt.items()
+    ]
+    assert pairwise_table(policies[:2]) is None  # the paired table already says it
+    title, header, rows = pairwise_table(policies)
+    assert header == ["row − column", "init", "ppo", "quark"]
+    # ppo - init: differences 1, 0, 2 -> mean 1, SE sqrt(1/3); quark - ppo: -1, 1, -2
+    assert rows[1][:2] == ["ppo", "1.000 ± 0.577"] and rows[1][2] == "–"
+    assert rows[2][2] == "-0.667 ± 0.882" and rows[1][3] == "0.667 ± 0.882"
+    bad = tmp_path / "bad.json"
+    policies[1]["metrics"]["per_prompt_reward"] = [1.0]
+    bad.write_text(json.dumps({"policies": policies}))
+    capsys.readouterr()
+    assert main(["report", str(run), "--eval", str(bad), "-o", str(tmp_path / "r.html")]) == 2
+    assert f"{bad}: metrics.per_prompt_reward has [1, 3] prompts" in capsys.readouterr().err
