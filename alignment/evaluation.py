@@ -84,7 +84,10 @@ def sample_and_score(
 
 
 def sample_metrics(scored: ScoredSamples) -> dict[str, float]:
-    """Reward (per generation), length, stop rate and dist-n of a set of scored generations."""
+    """Reward (per generation), length, stop rate, dist-n and the share of empty generations.
+
+    The empty share is reported on its own because an empty summary scores the reward's floor:
+    a policy can gain (or lose) most of its reward by how often it says nothing at all."""
     gens, completions = scored.generations, scored.completions
     mean, stderr = mean_and_stderr(scored.rewards)
     return {
@@ -93,6 +96,7 @@ def sample_metrics(scored: ScoredSamples) -> dict[str, float]:
         "reward_n": sum(r is not None and math.isfinite(r) for r in scored.rewards),
         "length": sum(g.num_tokens for g in gens) / len(gens),
         "stopped_fraction": sum(g.finish_reason == "stop" for g in gens) / len(gens),
+        "empty_fraction": sum(not c.strip() for c in completions) / len(completions),
         "distinct_1": distinct_n(completions, 1),
         "distinct_2": distinct_n(completions, 2),
     }

@@ -391,6 +391,7 @@ def _summary_line(result: dict) -> str:
         f"({m['num_prompts']} prompts, {m['num_samples']} samples)",
         f"len {_fmt(m['length'], 1)}",
         f"stop {_fmt(m['stopped_fraction'], 2)}",
+        f"empty {_fmt(m['empty_fraction'], 2)}",
         f"dist-1/2 {_fmt(m['distinct_1'], 3)}/{_fmt(m['distinct_2'], 3)}",
     ]
     if "ref_perplexity" in m:

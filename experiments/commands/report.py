@@ -382,7 +382,7 @@ def eval_tables(report: dict, runs: list[Run]) -> list[tuple[str, list[str], lis
     come from the run directory a policy was named by; HTML and Markdown render the same rows."""
     header = ["policy", "algorithm", "samples used", "reward ± SE", "paired gain ± SE"]
     header += ["W/T/L", "win rate vs baseline", "win rate vs references", "KL"]
-    header += ["ref perplexity", "length", "best − worst control", "run wall time (s)"]
+    header += ["ref perplexity", "length", "empty", "best − worst control", "run wall time (s)"]
     rows = []
     for policy in report["policies"]:
         m, paired, curve = policy["metrics"], policy.get("paired_vs_baseline"), _curve(policy)
@@ -400,6 +400,7 @@ def eval_tables(report: dict, runs: list[Run]) -> list[tuple[str, list[str], lis
                 _num(m.get("kl")),
                 _num(m.get("ref_perplexity"), 2),
                 _num(m.get("length"), 1),
+                _num(m.get("empty_fraction"), 2),
                 _pm(curve["best_minus_worst"]["mean"], curve["best_minus_worst"]["stderr"])
                 if curve
                 else "–",

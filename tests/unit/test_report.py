@@ -152,7 +152,11 @@ def test_eval_files_add_paired_and_best_of_n_tables_in_html_and_markdown(tmp_pat
         "–",
         "0.500",
     ]
-    assert cells[11:] == ["1.500 ± 1.500", "6"]  # best - worst control; the run's wall time
+    assert cells[11:] == [
+        "–",
+        "1.500 ± 1.500",
+        "6",
+    ]  # empty share (not given), best - worst, wall s
     lines = md.read_text().splitlines()
     assert lines[0] == f"`{eval_json}`: prompts held.jsonl, samples_per_prompt 4"
     assert "| policy | algorithm | samples used | reward ± SE |" in lines[4]
