@@ -73,7 +73,7 @@ TRAINING_STATE = "training_state"
 EVAL_SAMPLES = "eval_samples.jsonl"
 TIMING = "timing.json"
 # Algorithms whose update is correct on several processes (ConditionalTrainer shards each batch).
-MULTI_PROCESS_ALGORITHMS = {"quark", "rft", "alt-rm"}
+MULTI_PROCESS_ALGORITHMS = {"quark", "rft", "alt-rm", "grpo", "rloo"}
 
 
 def run(
@@ -131,6 +131,9 @@ def _iterate(
     feedback: FeedbackFn | None = None,
 ) -> list[dict]:
     main = accelerator.is_main_process
+    # An algorithm that scores (trl's GRPO and RLOO) calls `score` on its own rank's completions;
+    # the loop's stages call it on the same pairs on every rank, which the sharded one splits.
+    own_score = score
     if accelerator.num_processes > 1:
         score = sharded_score(score, accelerator)
     if config.report_to:
@@ -146,7 +149,7 @@ def _iterate(
         sampler = ShardedSampler(sampler, accelerator)
         likelihood = sharded_likelihood(accelerator)
     extra = {"feedback": feedback} if feedback is not None else {}
-    algorithm = ALGORITHMS[config.algorithm](config, models, accelerator, score, **extra)
+    algorithm = ALGORITHMS[config.algorithm](config, models, accelerator, own_score, **extra)
     _resume_training_state(algorithm, out)
     # `algorithm.conditioning` is read where it is used: alt-feedback fixes its exemplar during
     # iteration 1's update

@@ -11,6 +11,11 @@ what trl computes.
 A new trainer per iteration means a new AdamW and learning-rate schedule per iteration (as
 Quark's default `train.reset_optimizer`), so there is no optimizer state to checkpoint, and a run
 killed mid-update redoes that iteration's update from the last checkpoint.
+
+Under `accelerate launch` trl itself splits each generation batch across the ranks and
+synchronises the gradients; each rank scores and records its own completions, and the records
+are gathered so that the main process writes the whole of `scored.jsonl`. The per-device batch
+stays `batch_size`, so an optimizer step still covers `prompts_per_step` prompts in all.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -75,6 +81,17 @@ class RecordingReward:
             self.finish_reasons[i].append("stop" if ids and ids[-1] in self.stop_ids else "length")
         return rewards
 
+    @property
+    def recorded(self) -> tuple[list[list[str]], list[list[float | None]], list[list[str]]]:
+        """Generations, rewards and finish reasons per prompt: what another rank absorbs."""
+        return self.generations, self.rewards, self.finish_reasons
+
+    def absorb(self, recorded: tuple[list[list[Any]], ...]) -> None:
+        """Add another rank's `recorded` (same prompts) after this one's own."""
+        for mine, theirs in zip(self.recorded, recorded, strict=True):
+            for row, extra in zip(mine, theirs, strict=True):
+                row.extend(extra)
+
     def records(self, iteration: int, per_prompt: int) -> list[SampleRecord]:
         drawn = [len(g) for g in self.generations]
         if drawn != [per_prompt] * len(drawn):
@@ -106,6 +123,7 @@ class GroupRL:
     ) -> None:
         self.config = config
         self.models = models
+        self.accelerator = accelerator
         self.score = score
         self.conditioning = self.conditioning_for(config)
 
@@ -137,8 +155,11 @@ class GroupRL:
         dataset = Dataset.from_dict(
             {"prompt": [self._cut(p.prompt) for p in prompts], "row": list(range(len(prompts)))}
         )
+        acc = self.accelerator
         output_dir = it_dir / "trl"
-        shutil.rmtree(output_dir, ignore_errors=True)  # a killed update's leftovers
+        if acc.is_main_process:
+            shutil.rmtree(output_dir, ignore_errors=True)  # a killed update's leftovers
+        acc.wait_for_everyone()
         with _forward_restored(policy, reference), _quiet_deprecations():
             with _generation_stops(policy, stop_ids):
                 trainer = self.trainer_class(
@@ -153,8 +174,13 @@ class GroupRL:
                 _use_reference(trainer, reference, section.beta)
             trainer.train()
         policy.eval()  # trl leaves it in training mode; the loop samples and evaluates next
-        shutil.rmtree(output_dir, ignore_errors=True)
-        save_samples(it_dir / "scored.jsonl", reward.records(iteration, per_prompt))
+        # each rank drew and scored its own share of the completions: the main process writes all
+        recorded = gather_object([reward.recorded])
+        if acc.is_main_process:
+            for other in recorded[1:]:
+                reward.absorb(other)
+            shutil.rmtree(output_dir, ignore_errors=True)
+            save_samples(it_dir / "scored.jsonl", reward.records(iteration, per_prompt))
         return [row for row in trainer.state.log_history if "train_runtime" not in row]
 
     def _cut(self, prompt: str) -> str:
@@ -171,6 +197,15 @@ class GroupRL:
     def _args(self, output_dir: Path, seed: int) -> TrainingArguments:
         section, data, sampling = self.section(), self.config.data, self.config.sampling
         generations_per_step = section.prompts_per_step * data.samples_per_prompt
+        per_pass = section.batch_size * self.accelerator.num_processes
+        if generations_per_step % per_pass:
+            raise UserError(
+                f"{section.section}.batch_size ({section.batch_size}) x "
+                f"{self.accelerator.num_processes} processes must divide "
+                f"{section.section}.prompts_per_step x data.samples_per_prompt "
+                f"({generations_per_step}): every step's generations are split evenly across "
+                "the processes"
+            )
         return self.args_class(
             output_dir=str(output_dir),
             seed=seed,
@@ -183,7 +218,7 @@ class GroupRL:
             # each prompt once per iteration, prompts_per_step of them per optimizer step
             num_train_epochs=1,
             per_device_train_batch_size=section.batch_size,
-            gradient_accumulation_steps=generations_per_step // section.batch_size,
+            gradient_accumulation_steps=generations_per_step // per_pass,
             num_generations=data.samples_per_prompt,
             max_completion_length=sampling.max_new_tokens,
             temperature=sampling.temperature,

@@ -186,3 +186,31 @@ def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_p
     for key, value in load_file(broken / final).items():
         assert torch.equal(value, expected[key]), key
     assert not list(broken.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_trl_baselines_on_two_processes(tmp_path, algorithm):
+    """trl splits each step's 16 generations over the 2 ranks (8 each, the per-device batch):
+    the gathered scored.jsonl still holds every prompt's 4 generations, scored, and the two
+    optimizer steps of one process."""
+    model_dir, prompts = write_toy_task(tmp_path)
+    out = tmp_path / "run"
+    settings = [o for o in TOY_OVERRIDES if not o.startswith("train.")]
+    settings += ["iterations=1", "data.prompts_per_iteration=8", "data.samples_per_prompt=4"]
+    settings += ["data.num_eval_prompts=2", "eval.samples_per_prompt=2", f"algorithm={algorithm}"]
+    settings += [f"{algorithm}.prompts_per_step=4", f"{algorithm}.batch_size=8"]
+    settings += [f"{algorithm}.learning_rate=1e-3", "reward.name=toy:count_e_words"]
+    launch_2(
+        "-m", "experiments.cli", "train", "-", *settings, *run_overrides(out, model_dir, prompts)
+    )
+    records = load_samples(out / "iter_001" / "scored.jsonl")
+    assert len({r.prompt for r in records}) == len(records) == 8
+    for record in records:
+        assert len(record.generations) == 4
+        assert record.rewards == count_e_words(None, record.generations)
+    steps = (out / "iter_001" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(s)["step"] for s in steps] == [1, 2]
+    initial = load_file(model_dir / "model.safetensors")
+    trained = load_file(out / "checkpoints" / "iter_001" / "model.safetensors")
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    assert not (out / "iter_001" / "trl").exists() and not list(out.rglob(".*.tmp"))

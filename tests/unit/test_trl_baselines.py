@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
+from types import SimpleNamespace
 
-from alignment.algorithms.trl_baselines import RecordingReward
+import pytest
+import torch
+
+from alignment.algorithms.trl_baselines import GRPO, RecordingReward
+from alignment.config import load_config
+from alignment.errors import UserError
 from alignment.loop import iteration_prompts
 from alignment.prompts import PromptRow
 
@@ -49,6 +55,31 @@ def test_recording_reward_refuses_a_budget_trl_did_not_draw():
     reward(prompts=["p", "p"], completions=["x", "y"], completion_ids=[[1], [2]], row=[0, 0])
     with pytest.raises(RuntimeError, match=r"trl drew \[2, 0\] generations per prompt"):
         reward.records(iteration=1, per_prompt=2)
+
+
+def test_ranks_recordings_absorb_into_the_main_ones_in_rank_order():
+    rows = [PromptRow(id="a", prompt="p"), PromptRow(id="b", prompt="q")]
+    ranks = [RecordingReward(lengths_or_none, rows, stop_ids=[EOS]) for _ in range(2)]
+    # trl's split of one step: each rank gets one generation of each prompt
+    ranks[0](prompts=["p", "q"], completions=["x", "bad"], completion_ids=[[EOS], [1]], row=[0, 1])
+    ranks[1](prompts=["p", "q"], completions=["yy", "z"], completion_ids=[[1], [EOS]], row=[0, 1])
+    ranks[0].absorb(ranks[1].recorded)
+    a, b = ranks[0].records(iteration=1, per_prompt=2)
+    assert a.generations == ["x", "yy"] and a.rewards == [1.0, 2.0]
+    assert a.finish_reasons == ["stop", "length"]
+    assert b.generations == ["bad", "z"] and b.rewards == [None, 1.0]
+
+
+def test_a_step_that_does_not_split_evenly_over_the_processes_is_refused():
+    settings = ["algorithm=grpo", "data.samples_per_prompt=8", "grpo.prompts_per_step=2"]
+    config = load_config(None, [*settings, "grpo.batch_size=8"])
+    models = SimpleNamespace(policy=SimpleNamespace(device=torch.device("cpu")))
+    for processes in (1, 2):  # 2 prompts x 8 samples = 16 generations per step
+        grpo = GRPO(config, models, SimpleNamespace(num_processes=processes), lengths_or_none)
+        assert grpo._args(Path("unused"), seed=1).gradient_accumulation_steps == 2 // processes
+    grpo = GRPO(config, models, SimpleNamespace(num_processes=4), lengths_or_none)
+    with pytest.raises(UserError, match=r"grpo.batch_size \(8\) x 4 processes must divide"):
+        grpo._args(Path("unused"), seed=1)
 
 
 def test_iteration_prompts_are_seeded_and_capped():
