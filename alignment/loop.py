@@ -73,7 +73,7 @@ TRAINING_STATE = "training_state"
 EVAL_SAMPLES = "eval_samples.jsonl"
 TIMING = "timing.json"
 # Algorithms whose update is correct on several processes (ConditionalTrainer shards each batch).
-MULTI_PROCESS_ALGORITHMS = {"quark", "rft", "alt-rm", "grpo", "rloo"}
+MULTI_PROCESS_ALGORITHMS = {"quark", "rft", "alt-rm", "grpo", "rloo", "ppo"}
 
 
 def run(

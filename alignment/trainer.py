@@ -15,9 +15,10 @@ import math
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -37,6 +38,7 @@ from alignment.prefix_sharing import prompt_grouped_batches, shared_prefix_targe
 from alignment.prompts import truncate_middle
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -214,6 +216,44 @@ def shard_loss_weight(local_tokens: int, global_tokens: int, num_processes: int)
     as much as one of long targets. E.g. 30 and 10 tokens on 2 ranks: weights 1.5 and 0.5.
     """
     return num_processes * local_tokens / global_tokens
+
+
+def rank_share(
+    accelerator: Accelerator, batch: list[T], tokens: Callable[[T], int]
+) -> tuple[list[T], float, int, int]:
+    """This rank's share of a global `batch` (all of it on one process), the weight on its
+    token-mean loss (`shard_loss_weight`), its token count and the batch's.
+
+    A rank left with no item still has to run forward and backward (DDP waits for its
+    gradients): it gets the batch's first item, with weight 0."""
+    with accelerator.split_between_processes(batch) as share:
+        local_tokens = sum(tokens(item) for item in share)
+        share = share or batch[:1]
+    device = accelerator.device
+    global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=device), "sum"))
+    weight = shard_loss_weight(local_tokens, global_tokens, accelerator.num_processes)
+    return share, weight, local_tokens, global_tokens
+
+
+def global_token_means(
+    accelerator: Accelerator,
+    stats: dict,
+    keys: list[str],
+    local_tokens: int,
+    global_tokens: int,
+) -> dict:
+    """`stats` with each of `keys` (a token mean over this rank's share of a step's batch) made
+    the mean over the whole batch, and "tokens" its token count; as they are on one process."""
+    if accelerator.num_processes == 1:
+        return stats
+    keys = [k for k in keys if k in stats]
+    local = torch.tensor([stats[k] * local_tokens for k in keys], device=accelerator.device)
+    summed = accelerator.reduce(local, "sum").tolist()
+    return {
+        **stats,
+        **{k: v / global_tokens for k, v in zip(keys, summed, strict=True)},
+        "tokens": float(global_tokens),
+    }
 
 
 class ConditionalTrainer:
@@ -414,13 +454,9 @@ class ConditionalTrainer:
     def _step(self, batch: list[tuple[list[int], list[int], list[int]]], pad: int) -> dict:
         """One optimizer step on the global `batch`, of which this rank runs its share."""
         cfg, acc = self.config, self.accelerator
-        with acc.split_between_processes(batch) as chunk:
-            local_tokens = sum(len(target) for _, _, target in chunk)
-            # A rank with no item still runs forward and backward (DDP waits for its gradients),
-            # on the batch's first item with weight 0.
-            chunk = chunk or batch[:1]
-        global_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum"))
-        weight = shard_loss_weight(local_tokens, global_tokens, acc.num_processes)
+        chunk, weight, local_tokens, global_tokens = rank_share(
+            acc, batch, lambda item: len(item[2])
+        )
         targets = [target for _, _, target in chunk]
         # Items whose prompts share a prefix run it once (the same logits as `collate` +
         # `target_logits`, a fraction of the compute when a batch holds several of a prompt).
@@ -449,7 +485,8 @@ class ConditionalTrainer:
             - (ref_logits.shape[-1] if ref_logits is not None else logits.shape[-1]),
         )
         self.accelerator.backward(loss * weight)
-        stats = self._global_stats(stats, local_tokens, global_tokens)
+        keys = ["loss", "nll", "entropy", "kl"]
+        stats = global_token_means(acc, stats, keys, local_tokens, global_tokens)
         if cfg.max_grad_norm is not None:
             stats["grad_norm"] = float(
                 self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
@@ -469,18 +506,3 @@ class ConditionalTrainer:
         self.optimizer.zero_grad()
         stats["lr"] = self.scheduler.get_last_lr()[0]
         return stats
-
-    def _global_stats(self, stats: dict, local_tokens: int, global_tokens: int) -> dict:
-        """The batch's token means of the logged losses, from each rank's (its own on one)."""
-        if self.accelerator.num_processes == 1:
-            return stats
-        keys = [k for k in ("loss", "nll", "entropy", "kl") if k in stats]
-        local = torch.tensor(
-            [stats[k] * local_tokens for k in keys], device=self.accelerator.device
-        )
-        summed = self.accelerator.reduce(local, "sum").tolist()
-        return {
-            **stats,
-            **{k: v / global_tokens for k, v in zip(keys, summed, strict=True)},
-            "tokens": float(global_tokens),
-        }

@@ -75,7 +75,8 @@ class AlgorithmFactory(Protocol):
     def __call__(
         self, config: Config, models: Models, accelerator: Accelerator, score: ScoreFn
     ) -> Algorithm:
-        """`score` is the run's reward, for methods that score more than the loop's samples.
+        """`score` is the run's reward, for methods that score more than the loop's samples; on
+        several processes each rank calls it on its own pairs (it is not the loop's sharded one).
 
         alt-feedback's factory also takes `feedback=` (an `interfaces.FeedbackFn`); the loop
         passes it only when the run was given one."""

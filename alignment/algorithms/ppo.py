@@ -12,6 +12,12 @@ The value head is trlx's: an MLP d -> 2d -> ReLU -> 1 on the policy's last hidde
 the final norm), sharing the trunk, so the value loss also trains the unfrozen top blocks, as in
 trlx's default (no separate value branch). A linear head would be cheaper; the MLP matches the
 published baseline and costs 2d^2 parameters (33 M for GPT-J, small beside 6 B).
+
+Under `accelerate launch` every rank reads the same episodes. The rollout forwards are split
+across the ranks and gathered, so advantages, whitening and the KL controller see every episode
+on every rank; each minibatch is split the same way, with each rank's loss weighted by its share
+of the minibatch's tokens, so the DDP gradient of policy and value head (one wrapped module) is
+the one-process gradient.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
@@ -52,6 +59,8 @@ from alignment.trainer import (
     encode_prompt,
     encode_target,
     freeze_bottom_layers,
+    global_token_means,
+    rank_share,
     target_logprobs,
 )
 
@@ -59,6 +68,14 @@ log = logging.getLogger(__name__)
 
 VALUE_HEAD = "value_head.safetensors"
 PPO_STATE = "ppo_state.json"
+TOKEN_MEANS = [
+    "loss",
+    "policy_loss",
+    "clip_fraction",
+    "approx_kl",
+    "value_loss",
+    "value_clip_fraction",
+]
 
 
 class ValueHead(nn.Module):
@@ -73,6 +90,30 @@ class ValueHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         """(b, t, d) -> (b, t)."""
         return self.net(hidden).squeeze(-1)
+
+
+class PolicyValue(nn.Module):
+    """Policy and value head as one module, so that one DDP wrapper synchronises both."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """log p and V of every target token of `batch`, (b, t) each; V is read before the token."""
+        device = next(self.value_head.parameters()).device
+        t = batch.labels.shape[1]
+        out = self.policy(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            position_ids=batch.position_ids.to(device),
+            output_hidden_states=True,
+            logits_to_keep=t + 1,
+        )
+        logprobs = token_logprobs(out.logits[:, :-1].float(), batch.labels.to(device))
+        values = self.value_head(out.hidden_states[-1][:, -(t + 1) : -1].float())
+        return logprobs, values
 
 
 class PPO:
@@ -111,7 +152,10 @@ class PPO:
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
         )
-        self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
+        self.device = policy.device
+        self.model, self.optimizer = accelerator.prepare(
+            PolicyValue(policy, self.value_head), optimizer
+        )
         self.kl_controller: FixedKLController | AdaptiveKLController = (
             FixedKLController(cfg.init_kl_coef)
             if cfg.target_kl is None
@@ -126,31 +170,19 @@ class PPO:
         return None
 
     def save_state(self, folder: Path) -> None:
-        """Optimizer and RNG state (accelerate), the value head and the KL coefficient."""
+        """Optimizer and RNG state (accelerate), the value head and the KL coefficient (the same
+        on every rank: the main process writes them)."""
         self.accelerator.save_state(str(folder), safe_serialization=True)
-        save_file(self.value_head.state_dict(), str(Path(folder) / VALUE_HEAD))
-        (Path(folder) / PPO_STATE).write_text(json.dumps({"kl_coef": self.kl_controller.value}))
+        if self.accelerator.is_main_process:
+            save_file(self.value_head.state_dict(), str(Path(folder) / VALUE_HEAD))
+            kl_coef = {"kl_coef": self.kl_controller.value}
+            (Path(folder) / PPO_STATE).write_text(json.dumps(kl_coef))
 
     def load_state(self, folder: Path) -> None:
         self.accelerator.load_state(str(folder))
         device = str(next(self.value_head.parameters()).device)
         self.value_head.load_state_dict(load_file(str(Path(folder) / VALUE_HEAD), device=device))
         self.kl_controller.value = json.loads((Path(folder) / PPO_STATE).read_text())["kl_coef"]
-
-    def _forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """log p and V of every target token of `batch`, (b, t) each; V is read before the token."""
-        device = self.policy.device
-        t = batch.labels.shape[1]
-        out = self.policy(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            position_ids=batch.position_ids.to(device),
-            output_hidden_states=True,
-            logits_to_keep=t + 1,
-        )
-        logprobs = token_logprobs(out.logits[:, :-1].float(), batch.labels.to(device))
-        values = self.value_head(out.hidden_states[-1][:, -(t + 1) : -1].float())
-        return logprobs, values
 
     def _episodes(self, path: Path) -> tuple[list[list[int]], list[list[int]], list[float], dict]:
         """(prompt ids, generation ids, score) per usable generation, and what was skipped.
@@ -184,20 +216,27 @@ class PPO:
         prompts, targets, score_list, skipped = self._episodes(it_dir / "scored.jsonl")
         pad, n = self.tokenizer.pad_token_id, len(targets)
 
-        # Rollout: old log-probs, values and reference log-probs, once, without gradient
+        # Rollout: old log-probs, values and reference log-probs, once, without gradient; each
+        # rank its share of the episodes, then all of them on every rank. Not through the DDP
+        # wrapper: the ranks may run different numbers of these forwards.
+        acc, module = self.accelerator, self.accelerator.unwrap_model(self.model)
+        with acc.split_between_processes(list(range(n))) as mine:
+            part = slice(mine[0], mine[-1] + 1) if mine else slice(0, 0)
         logprob_rows, value_rows = [], []
         with torch.no_grad():
-            for start in range(0, n, cfg.batch_size):
-                batch = collate(
-                    prompts[start : start + cfg.batch_size],
-                    targets[start : start + cfg.batch_size],
-                    pad,
-                )
-                logprobs, values = self._forward(batch)
+            for start in range(part.start, part.stop, cfg.batch_size):
+                stop = min(start + cfg.batch_size, part.stop)
+                batch = collate(prompts[start:stop], targets[start:stop], pad)
+                logprobs, values = module(batch)
                 for lp, v, k in zip(logprobs, values, batch.label_mask.sum(-1), strict=True):
                     logprob_rows.append(lp[:k].cpu())
                     value_rows.append(v[:k].cpu())
-        ref_rows = target_logprobs(self.reference, prompts, targets, pad, cfg.batch_size)
+        ref_rows = target_logprobs(
+            self.reference, prompts[part], targets[part], pad, cfg.batch_size
+        )
+        logprob_rows, value_rows, ref_rows = (
+            gather_object(rows) for rows in (logprob_rows, value_rows, ref_rows)
+        )
         old_logprobs = pad_sequence(logprob_rows, batch_first=True)
         old_values = pad_sequence(value_rows, batch_first=True)
         ref_logprobs = pad_sequence(ref_rows, batch_first=True)
@@ -221,24 +260,26 @@ class PPO:
             **skipped,
         }
 
-        # PPO epochs of shuffled minibatches
+        # PPO epochs of shuffled minibatches (the same order on every rank), each rank its share
         rng = random.Random(seed)
         history: list[dict] = []
-        device = self.policy.device
+        device = self.device
         steps = cfg.ppo_epochs * -(-n // cfg.batch_size)
-        progress = tqdm(total=steps, desc="ppo", unit="step")
+        progress = tqdm(total=steps, desc="ppo", unit="step", disable=not acc.is_main_process)
         for _ in range(cfg.ppo_epochs):
             order = list(range(n))
             rng.shuffle(order)
             for start in range(0, n, cfg.batch_size):
-                rows = order[start : start + cfg.batch_size]
+                rows, weight, local_tokens, global_tokens = rank_share(
+                    acc, order[start : start + cfg.batch_size], lambda i: len(targets[i])
+                )
                 batch = collate([prompts[i] for i in rows], [targets[i] for i in rows], pad)
                 t = batch.labels.shape[1]
 
                 def take(x: Tensor, rows: list[int] = rows, t: int = t) -> Tensor:
                     return x[rows, :t].to(device)
 
-                logprobs, values = self._forward(batch)
+                logprobs, values = self.model(batch)
                 m = take(mask)
                 pg, pg_stats = policy_loss(
                     logprobs, take(old_logprobs), take(advantages), m, cfg.cliprange
@@ -247,12 +288,12 @@ class PPO:
                     values, take(old_values), take(returns), m, cfg.cliprange_value
                 )
                 loss = pg + cfg.vf_coef * vf
-                self.accelerator.backward(loss)
+                acc.backward(loss * weight)
                 stats = {"loss": float(loss.detach()), **pg_stats, **vf_stats}
+                stats = global_token_means(acc, stats, TOKEN_MEANS, local_tokens, global_tokens)
                 if cfg.max_grad_norm is not None:
-                    params = list(self.policy.parameters()) + list(self.value_head.parameters())
                     stats["grad_norm"] = float(
-                        self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     )
                 self.optimizer.step()
                 self.optimizer.zero_grad()
