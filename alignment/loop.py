@@ -72,8 +72,6 @@ RESUMABLE_KEYS = {"iterations", "report_to"}
 TRAINING_STATE = "training_state"
 EVAL_SAMPLES = "eval_samples.jsonl"
 TIMING = "timing.json"
-# Algorithms whose update is correct on several processes (ConditionalTrainer shards each batch).
-MULTI_PROCESS_ALGORITHMS = {"quark", "rft", "alt-rm", "grpo", "rloo", "ppo"}
 
 
 def run(
@@ -91,12 +89,6 @@ def run(
     accelerator = Accelerator(
         cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
     )
-    if accelerator.num_processes > 1 and config.algorithm not in MULTI_PROCESS_ALGORITHMS:
-        raise UserError(
-            f"algorithm: {config.algorithm} runs on one process only (launched with "
-            f"{accelerator.num_processes}); multi-process runs support "
-            f"{', '.join(sorted(MULTI_PROCESS_ALGORITHMS))}"
-        )
     if _shards_weights(accelerator):
         raise UserError(
             f"{accelerator.distributed_type.value} with sharded weights (FSDP, DeepSpeed ZeRO-3) "
@@ -191,7 +183,7 @@ def _iterate(
 
     evaluate_into(out / "iter_000", False, 0, Stopwatch(out / "iter_000", main))
     if config.algorithm == "best-of-n":  # trains nothing (iterations: 0)
-        write_best_of_n(out, sampler, eval_rows, score, config)
+        write_best_of_n(out, sampler, eval_rows, score, config, accelerator)
     for iteration in range(1, config.iterations + 1):
         it_dir = out / f"iter_{iteration:03d}"
         seed = config.seed + iteration

@@ -159,22 +159,25 @@ class AltFeedback(Quark):
         return super().update(iteration, it_dir, seed, prompts)
 
     def _ask(self, it_dir: Path) -> list[SampleRecord]:
-        """The stage file `feedback.jsonl`: scored.jsonl with every generation's feedback."""
+        """The stage file `feedback.jsonl`: scored.jsonl with every generation's feedback.
+
+        On several processes the main process alone asks (each generation once, one writer of
+        the reply cache) while the others wait; every rank then reads the same file."""
         path = it_dir / FEEDBACK_FILE
-        if path.exists():
-            return load_samples(path)
-        records = load_samples(it_dir / "scored.jsonl")
-        judgements = self.feedback(
-            [r.prompt for r in records for _ in r.generations],
-            [g for r in records for g in r.generations],
-        )
-        records = with_feedback(records, judgements, self.max_score)
-        counts = feedback_counts(records, self.max_score)
-        log.info("feedback: %s", counts)
-        with atomic_write(it_dir / FEEDBACK_STATS) as handle:
-            json.dump(counts, handle, indent=1)
-        save_samples(path, records)
-        return records
+        if not path.exists() and self.accelerator.is_main_process:
+            records = load_samples(it_dir / "scored.jsonl")
+            judgements = self.feedback(
+                [r.prompt for r in records for _ in r.generations],
+                [g for r in records for g in r.generations],
+            )
+            records = with_feedback(records, judgements, self.max_score)
+            counts = feedback_counts(records, self.max_score)
+            log.info("feedback: %s", counts)
+            with atomic_write(it_dir / FEEDBACK_STATS) as handle:
+                json.dump(counts, handle, indent=1)
+            save_samples(path, records)
+        self.accelerator.wait_for_everyone()
+        return load_samples(path)
 
     def _add(self, pool: DataPool, it_dir: Path) -> None:
         """The buckets are the feedback scores (no re-ranking); no feedback, no bucket."""
@@ -182,8 +185,9 @@ class AltFeedback(Quark):
 
     def save_state(self, folder: Path) -> None:
         super().save_state(folder)
-        with atomic_write(folder / STATE_FILE) as handle:
-            json.dump({"exemplar": self.exemplar}, handle, indent=1)
+        if self.accelerator.is_main_process:  # the same exemplar on every rank
+            with atomic_write(folder / STATE_FILE) as handle:
+                json.dump({"exemplar": self.exemplar}, handle, indent=1)
 
     def load_state(self, folder: Path) -> None:
         super().load_state(folder)

@@ -58,11 +58,20 @@ class BestOfN:
 
 
 def write_best_of_n(
-    out: Path, sampler: Sampler, rows: list[PromptRow], score: ScoreFn, config: Config
+    out: Path,
+    sampler: Sampler,
+    rows: list[PromptRow],
+    score: ScoreFn,
+    config: Config,
+    accelerator: Accelerator,
 ) -> None:
-    """`out/bon_samples.jsonl` (skipped when it exists), then `out/best_of_n.json`."""
+    """`out/bon_samples.jsonl` (skipped when it exists), then `out/best_of_n.json`.
+
+    On several processes `sampler` and `score` are the loop's sharded ones: every rank holds all
+    the samples, and the main process writes both files."""
     if (out / RESULT).exists():
         return
+    main = accelerator.is_main_process
     pool = max(config.best_of_n.n)
     samples_path = out / SAMPLES
     if not samples_path.exists():
@@ -82,7 +91,9 @@ def write_best_of_n(
                     finish_reasons=[g.finish_reason for g in scored.generations[part]],
                 )
             )
-        save_samples(samples_path, drawn)
+        if main:
+            save_samples(samples_path, drawn)
+    accelerator.wait_for_everyone()
     records = load_samples(samples_path)
     if [(r.prompt, len(r.generations), r.rewards is not None) for r in records] != [
         (row.prompt, pool, True) for row in rows
@@ -103,5 +114,7 @@ def write_best_of_n(
             config.best_of_n.n,
         ),
     }
-    with atomic_write(out / RESULT) as handle:
-        json.dump(result, handle, indent=1)
+    if main:
+        with atomic_write(out / RESULT) as handle:
+            json.dump(result, handle, indent=1)
+    accelerator.wait_for_everyone()

@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 import torch
-from toy import TOY_OVERRIDES, count_e_words, write_toy_task
+from launch import launch_2
+from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
 
 import alignment.trainer
 from alignment.config import load_config
@@ -192,6 +193,25 @@ def test_alt_lmc_conditions_on_categories_best_first(tmp_path, server, encoded):
     assert saved["controls"] == [f"{c}.\n\n" for c in HH_CATEGORIES]  # the exemplar first
     conditioned = [t for t in encoded if t.split(".\n\n")[0] in HH_CATEGORIES]
     assert conditioned and len(conditioned) * 2 == len(encoded)
+
+
+def test_on_two_processes_each_generation_is_asked_once(tmp_path, server):
+    """Under `accelerate launch` the main process alone asks (one writer of the reply cache)
+    and both ranks train on the same feedback.jsonl."""
+    server.reply = alt_reply
+    model_dir, prompts = write_toy_task(tmp_path)
+    out = tmp_path / "run"
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    settings = [*TOY_OVERRIDES, *FAST, f"feedback_provider.base_url={url}", "iterations=1"]
+    settings += ["reward.name=toy:count_e_words", *run_overrides(out, model_dir, prompts)]
+    launch_2("-m", "experiments.cli", "train", "-", *settings)
+    generations = [
+        g for r in load_samples(out / "iter_001" / "feedback.jsonl") for g in r.generations
+    ]
+    assert len(generations) == 8 * 8
+    assert sorted(asked(server)) == sorted(g.strip() for g in generations)  # each once
+    state = out / "checkpoints" / "iter_001" / "training_state" / "alt_feedback.json"
+    assert json.loads(state.read_text())["exemplar"]
 
 
 def test_alt_feedback_without_a_feedback_writer_is_refused(tmp_path, server):

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from toy import write_toy_task
+from launch import launch_2
+from toy import count_e_words, write_toy_task
 
 from alignment.best_of_n import kl_bound
 from experiments.cli import main
@@ -67,3 +68,18 @@ def test_best_of_n_run_writes_its_report_and_reuses_its_samples(tmp_path, capsys
     assert main(argv) == 0
     again = json.loads((out / "best_of_n.json").read_text())["best_of_n"]
     assert again[-1]["per_prompt_reward"][0] == 100.0
+
+
+def test_best_of_n_on_two_processes_writes_one_whole_report(tmp_path):
+    """The ranks sample and score their shares of the pool; the main process writes it whole."""
+    model_dir, prompts = write_toy_task(tmp_path)
+    out = tmp_path / "run"
+    run_dir = [f"out_dir={out}", f"model.policy={model_dir}", f"data.train_prompts={prompts}"]
+    launch_2("-m", "experiments.cli", "train", "-", *OVERRIDES, *run_dir)
+    records = [json.loads(line) for line in (out / "bon_samples.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(len(r["generations"]) == 8 for r in records)
+    for record in records:
+        assert record["rewards"] == count_e_words(None, record["generations"])
+    rows = json.loads((out / "best_of_n.json").read_text())["best_of_n"]
+    assert rows[-1]["per_prompt_reward"] == pytest.approx([max(r["rewards"]) for r in records])
+    assert not list(out.rglob(".*.tmp"))

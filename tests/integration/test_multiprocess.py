@@ -9,10 +9,8 @@ trainer (top blocks or LoRA): the same items trained on 2 processes give the one
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 import train_shard
 import yaml
 from accelerate.utils import DistributedType
+from launch import CONFIGS, ENV, HERE, REPO, launch_2, launch_2_command
 from safetensors.torch import load_file
 from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
 
@@ -33,19 +32,6 @@ from alignment.interfaces import Generation
 from alignment.models import load_model_and_tokenizer
 from alignment.records import load_samples
 from experiments.cli import main
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-CONFIGS = REPO / "experiments" / "accelerate"
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
-
-
-def launch_2(*args: str) -> None:
-    """`accelerate launch` with the shipped DDP config on 2 processes (on CPU: gloo)."""
-    command = [*LAUNCH, "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2"]
-    done = subprocess.run([*command, *args], env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -183,8 +169,7 @@ def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_p
     other, and the same command rerun ends with the files and weights of the unbroken run."""
     toy, runs = loop_runs
     broken = tmp_path / "broken"
-    command = [*LAUNCH, "--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2"]
-    command += train_2(broken, toy, "slow_count_e_words")
+    command = launch_2_command(*train_2(broken, toy, "slow_count_e_words"))
     launcher = subprocess.Popen(
         command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
