@@ -1,11 +1,11 @@
 """`quark-alt report RUN_DIR [RUN_DIR ...] -o report.html`: one self-contained page comparing runs.
 
 Everything comes from the files a run already writes: `config.yaml` (the algorithm), each
-iteration's `eval.json` (held-out metrics, conditioning curve, held-out fingerprint),
+iteration's `eval.json` (metrics on `data.eval_prompts`, conditioning curve, their fingerprint),
 `samples.jsonl` / `scored.jsonl` (how many generations the run had drawn), `timing.json` (wall
 time) and the final `eval_samples.jsonl` (example generations). Plots are PNGs embedded as
 base64 and the style is inline, so the page needs nothing but itself to be read. Runs evaluated
-on different held-out prompts are refused: their numbers do not compare.
+on different eval prompts are refused: their numbers do not compare.
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.md",
         help="also write the --eval tables as Markdown, for a README",
     )
-    parser.add_argument(
-        "--examples", type=int, default=3, help="held-out prompts shown side by side"
-    )
+    parser.add_argument("--examples", type=int, default=3, help="eval prompts shown side by side")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,7 +172,7 @@ def _fingerprint(run: Run) -> str | None:
     """The run's held-out fingerprint as a comparable string; None when none was recorded."""
     prints = {json.dumps(e.get("heldout"), sort_keys=True) for e in run.evals}
     if len(prints) > 1:
-        raise UserError(f"{run.name}: its iterations were evaluated on different held-out sets")
+        raise UserError(f"{run.name}: its iterations were evaluated on different eval prompts")
     (only,) = prints
     return None if only == "null" else only
 
@@ -190,7 +188,7 @@ def load_runs(folders: list[Path]) -> list[Run]:
         for key, names in groups.items():
             described.append(f"{', '.join(names)} ({describe_heldout(json.loads(key or 'null'))})")
         raise UserError(
-            "the runs were evaluated on different held-out prompts, so their numbers do not "
+            "the runs were evaluated on different eval prompts, so their numbers do not "
             f"compare: {'; '.join(described)}"
         )
     return runs
@@ -220,9 +218,10 @@ def load_eval_report(path: Path) -> dict:
 # ---------------------------------------------------------------- HTML
 
 SE_NOTE = (
-    "Held-out reward: mean ± standard error over the loop's eval generations; the conditioning "
-    "curve and the paired tables take the prompt as the unit (per-prompt means, paired "
-    "differences)."
+    "Eval reward: the loop's evaluation after each iteration on <code>data.eval_prompts</code> "
+    "(in the comparison a validation split; its held-out result is the <code>quark-alt eval</code> "
+    "section), mean ± standard error over the generations. The conditioning curve and the paired "
+    "tables take the prompt as the unit (per-prompt means, paired differences)."
 )
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
@@ -276,7 +275,7 @@ def _wins(d: dict) -> str:
 
 
 def eval_table(runs: list[Run]) -> str:
-    header = ["run", "algorithm", "iteration", "samples used", "held-out reward ± SE"]
+    header = ["run", "algorithm", "iteration", "samples used", "eval reward ± SE"]
     header += ["greedy reward", "KL", "ref perplexity", "length", "best − worst control"]
     header += ["wall time (s)"]
     rows = []
@@ -330,7 +329,7 @@ def curve_section(runs: list[Run]) -> str:
             )
             for i, curve in curves
         ]
-        fig = plot_lines(lines, "control (0 = best)", "held-out reward", integer_x=True)
+        fig = plot_lines(lines, "control (0 = best)", "eval reward", integer_x=True)
         rows = [
             [
                 str(i),
@@ -512,7 +511,7 @@ def examples_section(runs: list[Run], count: int, per_run: int = 2) -> str:
                 )
             )
         rows.append(cells)
-    header = ["held-out prompt", *(f"{r.name} ({r.algorithm})" for r in with_examples)]
+    header = ["eval prompt", *(f"{r.name} ({r.algorithm})" for r in with_examples)]
     final = ", ".join(f"{r.name}: iteration {r.final['iteration']}" for r in with_examples)
     return (
         note
@@ -539,17 +538,17 @@ def metric_plots(runs: list[Run]) -> list[tuple[str, str, str]]:
     figures = [
         (
             "reward",
-            "Held-out reward against samples seen",
+            "Eval reward against samples seen",
             plot_lines(
                 [_metric_line(r, r.samples_seen, "reward_mean", "reward_stderr") for r in runs],
                 "generations sampled for training",
-                "held-out reward (mean ± SE)",
+                "eval reward (mean ± SE)",
             ),
         ),
         (
             "frontier",
             "Reward against KL (labels: iteration)",
-            plot_lines(frontier, "KL(policy || reference), nats", "held-out reward"),
+            plot_lines(frontier, "KL(policy || reference), nats", "eval reward"),
         ),
     ]
     for key, title, label in (
@@ -567,7 +566,7 @@ def _section(key: str, title: str, content: str) -> str:
 
 def build_html(runs: list[Run], eval_reports: list[dict] | None = None, examples: int = 3) -> str:
     """The whole page; every image is inline, so it opens anywhere with no network."""
-    held = "Held-out set: " + describe_heldout(runs[0].final.get("heldout"))
+    held = "Eval prompts: " + describe_heldout(runs[0].final.get("heldout"))
     body = [
         _section("evaluation", "Evaluation (final iteration)", eval_table(runs)),
         "<div class=grid>" + "".join(_section(*plot) for plot in metric_plots(runs)) + "</div>",

@@ -175,9 +175,9 @@ def test_mixed_heldout_sets_are_refused_naming_the_runs(tmp_path, capsys):
     also_same = write_run(tmp_path / "also_same", "alt-rm")
     assert report(tmp_path, str(same), str(other), str(also_same))[0] == 2
     err = capsys.readouterr().err
-    assert "different held-out prompts" in err
+    assert "different eval prompts" in err
     assert f"{same}, {also_same} (2 prompts" in err and f"{other} (1 prompts" in err
-    with pytest.raises(Exception, match="different held-out"):
+    with pytest.raises(Exception, match="different eval prompts"):
         load_runs([same, other])
 
 
