@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -70,6 +70,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- gathering
+
+
+class Table(NamedTuple):
+    """One table of an eval report as plain text, for HTML or Markdown; the first
+    `text_columns` columns are text (left-aligned)."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    text_columns: int = 1
 
 
 @dataclass
@@ -225,7 +235,7 @@ SE_NOTE = (
 )
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; display: block; overflow-x: auto; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }
 th { background: #f0f0f0; }
 td.text, th.text { text-align: left; }
@@ -375,7 +385,7 @@ def _win_rate(paired: dict) -> float | None:
     return (paired.get("wins", 0) + 0.5 * paired.get("ties", 0)) / n
 
 
-def eval_tables(report: dict, runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+def eval_tables(report: dict, runs: list[Run]) -> list[Table]:
     """(title, header, rows) of one `quark-alt eval` report, as plain text: the paired table,
     then best-of-N when the eval computed it. The run columns (algorithm, samples, wall time)
     come from the run directory a policy was named by; HTML and Markdown render the same rows."""
@@ -406,7 +416,7 @@ def eval_tables(report: dict, runs: list[Run]) -> list[tuple[str, list[str], lis
                 _num(run.seconds, 0) if run else "–",
             ]
         )
-    tables = [("Paired comparison", header, rows)]
+    tables = [Table("Paired comparison", header, rows, text_columns=2)]
     best = [
         [
             str(policy["name"]),
@@ -421,13 +431,13 @@ def eval_tables(report: dict, runs: list[Run]) -> list[tuple[str, list[str], lis
     ]
     if best:
         header = ["policy", "N", "samples", "reward ± SE", "KL estimate ± SE", "KL bound"]
-        tables.append(("Best of N", header, best))
+        tables.append(Table("Best of N", header, best))
     if pairwise := pairwise_table(report["policies"]):
         tables.append(pairwise)
     return tables
 
 
-def pairwise_table(policies: list[dict]) -> tuple[str, list[str], list[list[str]]] | None:
+def pairwise_table(policies: list[dict]) -> Table | None:
     """Every policy against every other on the same prompts: the row's per-prompt reward minus
     the column's, mean ± SE of the differences. The paired table compares each policy with the
     baseline only; this answers "does A beat B" for any two. None with fewer than three."""
@@ -449,7 +459,7 @@ def pairwise_table(policies: list[dict]) -> tuple[str, list[str], list[list[str]
             d = paired_difference(other_means, means)
             cells.append(_pm(d.mean, d.stderr))
         rows.append(cells)
-    return "Paired differences between policies (reward)", header, rows
+    return Table("Paired differences between policies (reward)", header, rows)
 
 
 def _settings_note(report: dict) -> str:
@@ -463,9 +473,10 @@ def _settings_note(report: dict) -> str:
 
 def paired_section(report: dict, runs: list[Run]) -> str:
     parts = [f"<p>{html.escape(_settings_note(report))}</p>"]
-    for title, header, rows in eval_tables(report, runs):
-        escaped = [[html.escape(cell) for cell in row] for row in rows]
-        parts.append(f"<h3>{html.escape(title)}</h3>" + _table(header, escaped, text_columns=2))
+    for table in eval_tables(report, runs):
+        escaped = [[html.escape(cell) for cell in row] for row in table.rows]
+        html_table = _table(table.header, escaped, table.text_columns)
+        parts.append(f"<h3>{html.escape(table.title)}</h3>" + html_table)
     return "".join(parts)
 
 
@@ -478,8 +489,8 @@ def markdown_tables(reports: list[dict], paths: list[str], runs: list[Run]) -> s
     parts = []
     for report, path in zip(reports, paths, strict=True):
         parts.append(f"`{path}`: {_settings_note(report)}\n")
-        for title, header, rows in eval_tables(report, runs):
-            align = ["---" if i < 2 else "---:" for i in range(len(header))]
+        for title, header, rows, text_columns in eval_tables(report, runs):
+            align = ["---" if i < text_columns else "---:" for i in range(len(header))]
             table = [line(header), "| " + " | ".join(align) + " |", *map(line, rows)]
             parts.append(f"**{title}**\n\n" + "\n".join(table) + "\n")
     return "\n".join(parts)

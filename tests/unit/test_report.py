@@ -213,7 +213,8 @@ def test_pairwise_table_is_row_minus_column_paired_by_prompt(tmp_path, capsys):
         for name, means in per_prompt.items()
     ]
     assert pairwise_table(policies[:2]) is None  # the paired table already says it
-    title, header, rows = pairwise_table(policies)
+    _, header, rows, text_columns = pairwise_table(policies)
+    assert text_columns == 1
     assert header == ["row − column", "init", "ppo", "quark"]
     # ppo - init: differences 1, 0, 2 -> mean 1, SE sqrt(1/3); quark - ppo: -1, 1, -2
     assert rows[1][:2] == ["ppo", "1.000 ± 0.577"] and rows[1][2] == "–"
