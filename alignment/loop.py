@@ -63,6 +63,7 @@ from alignment.plots import plot_iterations, plot_reward_by_quantile
 from alignment.pool import DataPool
 from alignment.prompts import PromptRow, demo_prompts_path, load_prompts
 from alignment.records import SampleRecord, load_samples, save_samples
+from alignment.trainer import shard_slice
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +289,6 @@ def sharded_score(score: ScoreFn, accelerator: Accelerator) -> ScoreFn:
         return gather_object(list(rewards))
 
     return sharded
-
-
-def shard_slice(n: int, rank: int, num_processes: int) -> slice:
-    """Rank `rank`'s contiguous share of n items, split as `split_between_processes` splits a
-    list (the first n % num_processes ranks take one more), so that the shares, concatenated in
-    rank order (as `gather_object` returns them), are the n items in order."""
-    size, extra = divmod(n, num_processes)
-    start = rank * size + min(rank, extra)
-    return slice(start, start + size + (rank < extra))
 
 
 def sharded_likelihood(accelerator: Accelerator) -> LikelihoodFn:

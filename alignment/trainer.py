@@ -206,6 +206,15 @@ class WarmupLinearDecay:
         return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
 
 
+def shard_slice(n: int, rank: int, num_processes: int) -> slice:
+    """Rank `rank`'s contiguous share of n items, split as `split_between_processes` splits a
+    list (the first n % num_processes ranks take one more), so that the shares, concatenated in
+    rank order (as `gather_object` returns them), are the n items in order."""
+    size, extra = divmod(n, num_processes)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
 def shard_loss_weight(local_tokens: int, global_tokens: int, num_processes: int) -> float:
     """The factor on a rank's token-mean loss that makes DDP's gradient the global batch's.
 

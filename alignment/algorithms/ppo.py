@@ -61,6 +61,7 @@ from alignment.trainer import (
     freeze_bottom_layers,
     global_token_means,
     rank_share,
+    shard_slice,
     target_logprobs,
 )
 
@@ -220,8 +221,7 @@ class PPO:
         # rank its share of the episodes, then all of them on every rank. Not through the DDP
         # wrapper: the ranks may run different numbers of these forwards.
         acc, module = self.accelerator, self.accelerator.unwrap_model(self.model)
-        with acc.split_between_processes(list(range(n))) as mine:
-            part = slice(mine[0], mine[-1] + 1) if mine else slice(0, 0)
+        part = shard_slice(n, acc.process_index, acc.num_processes)
         logprob_rows, value_rows = [], []
         with torch.no_grad():
             for start in range(part.start, part.stop, cfg.batch_size):

@@ -15,8 +15,8 @@ from alignment.evaluation import (
     likelihood_terms,
 )
 from alignment.interfaces import Generation
-from alignment.loop import rank_seed, shard_slice
-from alignment.trainer import shard_loss_weight
+from alignment.loop import rank_seed
+from alignment.trainer import shard_loss_weight, shard_slice
 
 
 def test_shard_weights_make_the_ddp_mean_the_batch_token_mean():
