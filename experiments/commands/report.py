@@ -280,6 +280,13 @@ def _curve(row: dict) -> dict | None:
     return curve if isinstance(curve, dict) else None
 
 
+def _best_minus_worst(curve: dict | None) -> str:
+    """A conditioning curve's paired best-minus-worst cell; "–" without a curve."""
+    if curve is None:
+        return "–"
+    return _pm(curve["best_minus_worst"]["mean"], curve["best_minus_worst"]["stderr"])
+
+
 def _wins(d: dict) -> str:
     return f"{d.get('wins')}/{d.get('ties')}/{d.get('losses')}"
 
@@ -303,9 +310,7 @@ def eval_table(runs: list[Run]) -> str:
                 _num(final.get("kl")),
                 _num(final.get("ref_perplexity"), 2),
                 _num(final.get("length"), 1),
-                _pm(curve["best_minus_worst"]["mean"], curve["best_minus_worst"]["stderr"])
-                if curve
-                else "–",
+                _best_minus_worst(curve),
                 _num(run.seconds, 0),
             ]
         )
@@ -344,7 +349,7 @@ def curve_section(runs: list[Run]) -> str:
             [
                 str(i),
                 *(_pm(c["reward_mean"], c["reward_stderr"]) for c in curve["controls"]),
-                _pm(curve["best_minus_worst"]["mean"], curve["best_minus_worst"]["stderr"]),
+                _best_minus_worst(curve),
                 _wins(curve["best_minus_worst"]),
             ]
             for i, curve in curves
@@ -386,9 +391,10 @@ def _win_rate(paired: dict) -> float | None:
 
 
 def eval_tables(report: dict, runs: list[Run]) -> list[Table]:
-    """(title, header, rows) of one `quark-alt eval` report, as plain text: the paired table,
-    then best-of-N when the eval computed it. The run columns (algorithm, samples, wall time)
-    come from the run directory a policy was named by; HTML and Markdown render the same rows."""
+    """The tables of one `quark-alt eval` report, as plain text: the paired table, best-of-N when
+    the eval computed it, and the pairwise differences with three or more policies. The run
+    columns (algorithm, samples, wall time) come from the run directory a policy was named by;
+    HTML and Markdown render the same rows."""
     header = ["policy", "algorithm", "samples used", "reward ± SE", "paired gain ± SE"]
     header += ["W/T/L", "win rate vs baseline", "win rate vs references", "KL"]
     header += ["ref perplexity", "length", "empty", "best − worst control", "run wall time (s)"]
@@ -410,9 +416,7 @@ def eval_tables(report: dict, runs: list[Run]) -> list[Table]:
                 _num(m.get("ref_perplexity"), 2),
                 _num(m.get("length"), 1),
                 _num(m.get("empty_fraction"), 2),
-                _pm(curve["best_minus_worst"]["mean"], curve["best_minus_worst"]["stderr"])
-                if curve
-                else "–",
+                _best_minus_worst(curve),
                 _num(run.seconds, 0) if run else "–",
             ]
         )
