@@ -19,10 +19,11 @@ a long bad one. Every term is continuous in its statistic, so two summaries of o
 differ a little get rewards that differ a little: the within-prompt ranking Quark and ALT learn
 from.
 
-Mean reward over the first 100 posts of ../shared/data/tldr_dev.jsonl (and how often the human
-TL;DR of a post beats that variant): human TL;DR +0.50; post title +0.44 (61%); first 30 words
-of the post +0.11 (100%); another post's TL;DR +0.10 (97%); the whole post -0.35 (100%); the
-TL;DR's first 4 words looped 12 times -0.76 (100%); empty -1 (100%).
+Mean reward over the first 100 posts of the TL;DR dev set that experiments/data is split from
+(and how often the human TL;DR of a post beats that variant): human TL;DR +0.50; post title
++0.44 (61%); first 30 words of the post +0.11 (100%); another post's TL;DR +0.10 (97%); the
+whole post -0.35 (100%); the TL;DR's first 4 words looped 12 times -0.76 (100%); empty -1
+(100%).
 """
 
 from __future__ import annotations

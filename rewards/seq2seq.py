@@ -36,12 +36,13 @@ KALEIDO_TEMPLATES: dict[str, str] = {
     "valence": "[Valence]:\tAction: ACTION\tVRD: TEXT",
     "relevance": "[Relevance]:\tAction: ACTION\tVRD: TEXT",
 }
-# What each task's first decoder step is read as: the words the authors' own scorer reads
-# (KaleidoSys.py in github.com/tsor13/kaleido: `Yes`/`No` for relevance; `Supports`/`Opposes`,
-# and `Either`, for valence). That scorer differs in two ways: it renormalises the softmax over
-# the task's words (here it runs over the whole vocabulary, see `label_score`), and it reads the
-# logits after two pad tokens as decoder input, where this reads the first decoder step. Which
-# step the released checkpoints answer at could not be checked without them (no hub access).
+# What each task's first decoder step is read as: the words the authors' own scorer reads (the
+# KaleidoSys class the model's authors publish with it: `Yes`/`No` for relevance;
+# `Supports`/`Opposes`, and `Either`, for valence). That scorer differs in two ways: it
+# renormalises the softmax over the task's words (here it runs over the whole vocabulary, see
+# `label_score`), and it reads the logits after two pad tokens as decoder input, where this
+# reads the first decoder step. Which step the released checkpoints answer at could not be
+# checked without them (no hub access).
 KALEIDO_LABELS: dict[str, dict[str, float]] = {
     "valence": {"Supports": 1.0, "Opposes": -1.0},
     "relevance": {"Yes": 1.0, "No": -1.0},
