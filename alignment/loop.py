@@ -530,7 +530,9 @@ def _save_checkpoint(
     conditioning = algorithm.conditioning
     main = accelerator.is_main_process
     with atomic_directory(path) if main else contextlib.nullcontext() as tmp:
-        tmp = broadcast_object_list([tmp])[0]
+        if main:  # made here, so that an algorithm with nothing to save resumes without a warning
+            (tmp / TRAINING_STATE).mkdir()
+        tmp = broadcast_object_list([tmp])[0]  # after the mkdir: no rank writes before it
         algorithm.save_state(tmp / TRAINING_STATE)
         accelerator.wait_for_everyone()
         if not main:
