@@ -25,6 +25,8 @@ from accelerate import Accelerator
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -265,6 +267,25 @@ def global_token_means(
     }
 
 
+def local_rows(weight: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The tensor this rank updates of `weight` and the indices in it of those of `rows` it holds.
+
+    A plain tensor holds every row. FSDP 2 shards a weight by rows (a DTensor placed
+    `Shard(0)`, laid out as `torch.chunk` splits: rank r holds rows r * ceil(n / N) onwards), so
+    a rank writes only its own rows and the others write theirs.
+    """
+    if not isinstance(weight, DTensor):
+        return weight, rows.to(weight.device)
+    if weight.placements != (Shard(0),):
+        raise ValueError(f"rows of a DTensor placed {weight.placements}, not (Shard(0),)")
+    local = weight.to_local()
+    mesh = weight.device_mesh
+    start = mesh.get_local_rank() * math.ceil(weight.shape[0] / mesh.size())
+    rows = rows.to(local.device)
+    mine = (rows >= start) & (rows < start + local.shape[0])
+    return local, rows[mine] - start
+
+
 class ConditionalTrainer:
     """Trains the policy on drawn pool items; no sampling, no file I/O but its own state (and
     its last LoRA adapter, with `train.lora.checkpoint=adapter`).
@@ -467,11 +488,16 @@ class ConditionalTrainer:
             acc, batch, lambda item: len(item[2])
         )
         targets = [target for _, _, target in chunk]
-        # Items whose prompts share a prefix run it once (the same logits as `collate` +
-        # `target_logits`, a fraction of the compute when a batch holds several of a prompt).
-        logits, batch = shared_prefix_target_logits(
-            self.policy, [p for p, _, _ in chunk], targets, pad
-        )
+        prompts = [p for p, _, _ in chunk]
+        if isinstance(self.policy, FSDPModule):
+            # One forward per step on every rank: each all-gathers the weights, a collective
+            # that all ranks must join equally often, and prefix sharing runs one or two.
+            batch = collate(prompts, targets, pad)
+            logits = target_logits(self.policy, batch)
+        else:
+            # Items whose prompts share a prefix run it once (the same logits as `collate` +
+            # `target_logits`, a fraction of the compute when a batch holds several of a prompt).
+            logits, batch = shared_prefix_target_logits(self.policy, prompts, targets, pad)
         if cfg.mask_control_logits and self.control_ids is not None:
             # The sampler never emits control tokens, so train the distribution it samples from.
             logits = logits.index_fill(-1, self.control_ids.to(logits.device), float("-inf"))
@@ -504,8 +530,8 @@ class ConditionalTrainer:
         scale_rows = factor != 1.0 and self.control_ids is not None and cfg.lora is None
         if scale_rows:  # with LoRA, the rows' param group has its own learning rate
             embeddings = acc.unwrap_model(self.policy).get_input_embeddings().weight
-            rows = self.control_ids.to(embeddings.device)
-            before = embeddings.detach()[rows].clone()
+            embeddings, rows = local_rows(embeddings.detach(), self.control_ids)
+            before = embeddings[rows].clone()
         self.optimizer.step()
         if scale_rows:
             # Adam's step size ignores gradient scale, so the rows' step itself is scaled.

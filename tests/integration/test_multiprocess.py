@@ -44,21 +44,24 @@ def test_shipped_accelerate_configs_parse(path):
         assert json.loads((REPO / deepspeed_file).read_text())["train_micro_batch_size_per_gpu"]
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["top-blocks", "lora"])
-def test_two_processes_train_as_one(tmp_path, lora):
+@pytest.mark.parametrize("mode", ["top-blocks", "lora", "fsdp"])
+def test_two_processes_train_as_one(tmp_path, mode):
     """Same items, same seed: the weights and logged losses equal the one-process run's. The
-    shards differ in token count and the last batch leaves one rank empty."""
-    train_shard.main(str(tmp_path / "one"), lora=lora)
-    launch_2(str(HERE / "train_shard.py"), str(tmp_path / "two"), *(["lora"] if lora else []))
+    shards differ in token count and the last batch leaves one rank empty. Under FSDP 2 each
+    rank holds half of every weight, the control tokens' embedding rows (scaled steps) on one."""
+    train_shard.main(str(tmp_path / "one"), lora=mode == "lora")
+    launch_2(str(HERE / "train_shard.py"), str(tmp_path / "two"), mode)
     histories = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
     assert len(histories[0]) == len(histories[1]) == 6
     for a, b in zip(*histories, strict=True):
         assert a["tokens"] == b["tokens"]
         for key in ("loss", "nll", "entropy", "grad_norm", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
-    weights = [load_file(tmp_path / d / "weights.safetensors") for d in ("one", "two")]
-    for name, value in weights[0].items():
-        assert (weights[1][name] - value).abs().max() < 1e-3, name
+    one, two = (load_file(tmp_path / d / "weights.safetensors") for d in ("one", "two"))
+    # FSDP's gathered weights name a tied matrix once (`whole_state_dict`), as a checkpoint does
+    assert set(two) == set(one) - ({"lm_head.weight"} if mode == "fsdp" else set())
+    for name, value in two.items():
+        assert (one[name] - value).abs().max() < 1e-3, name
 
 
 def test_ppo_on_two_processes_updates_as_one(tmp_path):
@@ -162,6 +165,36 @@ def one_process_likelihood(run: Path, iteration: str) -> dict[str, float]:
     )
     batch_size = config.train.batch_size
     return likelihood_metrics(policy, reference, tokenizer, config.sampling, batch_size, scored)
+
+
+def test_loop_under_fsdp(loop_runs, tmp_path):
+    """The same command with the policy's weights sharded (FSDP 2, `fsdp_cpu`): sampling from
+    the gathered weights draws what DDP's ranks drew, the gathered checkpoint is the policy the
+    evaluation scored, and a rerun with one more iteration resumes from the sharded optimizer
+    state. (The trainer's numbers under FSDP: test_two_processes_train_as_one.)"""
+    toy, runs = loop_runs
+    out = tmp_path / "fsdp"
+    command = [str(HERE / "fsdp_cpu.py"), *train_2(out, toy, "count_e_words")[2:]]
+    launch_2(*command)
+    ddp = runs["two"]
+    for name in ["samples.jsonl", "scored.jsonl", "pool.jsonl"]:  # drawn before any training
+        path = Path("iter_001") / name
+        assert (out / path).read_text() == (ddp / path).read_text(), name
+    checkpoint = Path("checkpoints") / "iter_001" / "model.safetensors"
+    trained, initial = load_file(out / checkpoint), load_file(toy[0] / "model.safetensors")
+    assert {k: v.shape for k, v in trained.items()} == {
+        k: v.shape for k, v in load_file(ddp / checkpoint).items()
+    }
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    result = json.loads((out / "iter_001" / "eval.json").read_text())
+    recomputed = one_process_likelihood(out, "iter_001")
+    for key in ("ref_perplexity", "kl"):
+        assert result[key] == pytest.approx(recomputed[key], rel=1e-5, abs=1e-6), key
+    launch_2(*command, "iterations=2")
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["iteration"] for m in metrics] == [0, 1, 2]
+    assert (out / "checkpoints" / "iter_002" / "training_state").is_dir()
+    assert not list(out.rglob(".*.tmp"))
 
 
 def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_path):

@@ -1,7 +1,8 @@
 """One ConditionalTrainer.train call on fixed items, the updated weights saved by the main process.
 
-Run as `python train_shard.py OUT [lora]` (one process) or under `accelerate launch
---num_processes 2`; tests/integration/test_multiprocess.py compares the two. The items have
+Run as `python train_shard.py OUT [lora|fsdp]` (one process) or under `accelerate launch
+--num_processes 2` (`fsdp`: with the weights sharded, `fsdp_cpu.force_fsdp2`);
+tests/integration/test_multiprocess.py compares them. The items have
 targets of different lengths and the last batch holds one item, so the ranks' shards differ in
 token count and one rank has nothing to train on in the last step.
 """
@@ -14,18 +15,22 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from fsdp_cpu import force_fsdp2
 from safetensors.torch import save_file
 from toy import write_toy_task
 
 from alignment.conditioning import Conditioning
 from alignment.config import LoraConfig, SamplingConfig, TrainConfig
+from alignment.loop import whole_state_dict
 from alignment.models import load_model_and_tokenizer
 from alignment.pool import TrainItem
 from alignment.trainer import ConditionalTrainer
 
 
-def main(out: str, lora: bool = False) -> None:
+def main(out: str, lora: bool = False, fsdp: bool = False) -> None:
     accelerator = Accelerator(cpu=True)
+    if fsdp:
+        force_fsdp2()
     folder = Path(out)
     if accelerator.is_main_process:
         write_toy_task(folder)
@@ -59,11 +64,12 @@ def main(out: str, lora: bool = False) -> None:
     )
     trainer = ConditionalTrainer(model, tokenizer, config, sampling, conditioning, accelerator)
     history = trainer.train(items, seed=3)
+    weights = whole_state_dict(model) or model.state_dict()
     if accelerator.is_main_process:
-        state = {k: v.clone() for k, v in model.state_dict().items()}  # untie
+        state = {k: v.clone() for k, v in weights.items()}  # untie
         save_file(state, str(folder / "weights.safetensors"))
         (folder / "history.json").write_text(json.dumps(history))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], lora=sys.argv[2:] == ["lora"])
+    main(sys.argv[1], lora="lora" in sys.argv[2:], fsdp="fsdp" in sys.argv[2:])

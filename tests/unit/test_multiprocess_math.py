@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
+from accelerate.utils import DistributedType
 from conftest import build_tiny_model
 
-from alignment.config import SamplingConfig
+from alignment.config import SamplingConfig, load_config
+from alignment.errors import UserError
 from alignment.evaluation import (
     ScoredSamples,
     combine_likelihood_terms,
@@ -15,7 +18,7 @@ from alignment.evaluation import (
     likelihood_terms,
 )
 from alignment.interfaces import Generation
-from alignment.loop import rank_seed
+from alignment.loop import check_weight_sharding, rank_seed
 from alignment.trainer import shard_loss_weight, shard_slice
 
 
@@ -74,3 +77,42 @@ def test_likelihood_terms_of_every_rank_combine_to_the_one_process_metrics(tiny_
         if world == 1:
             assert combined == whole  # one process: exactly today's numbers
     assert all(math.isnan(v) for v in combine_likelihood_terms([parts[-1]]).values())  # empty
+
+
+def accelerator_like(distributed_type: DistributedType, fsdp2: bool = True, zero_stage=None):
+    """What `check_weight_sharding` reads of an Accelerator."""
+    plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage is not None else None
+    return SimpleNamespace(
+        distributed_type=distributed_type,
+        is_fsdp2=fsdp2,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "overrides", "message"),
+    [
+        (accelerator_like(DistributedType.DEEPSPEED, zero_stage=3), [], "ZeRO-3"),
+        (accelerator_like(DistributedType.FSDP, fsdp2=False), [], "fsdp_version: 2"),
+        (accelerator_like(DistributedType.FSDP), ["algorithm=ppo"], "algorithm ppo under FSDP"),
+        (accelerator_like(DistributedType.FSDP), ["train.lora={}"], "train.lora under FSDP"),
+    ],
+    ids=["zero3", "fsdp1", "fsdp-ppo", "fsdp-lora"],
+)
+def test_sharded_setups_the_loop_was_not_written_for_are_refused(accelerator, overrides, message):
+    with pytest.raises(UserError, match=message):
+        check_weight_sharding(accelerator, load_config(None, overrides))
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "algorithm"),
+    [
+        (accelerator_like(DistributedType.FSDP), "quark"),
+        (accelerator_like(DistributedType.FSDP), "rft"),
+        (accelerator_like(DistributedType.DEEPSPEED, zero_stage=2), "ppo"),
+        (accelerator_like(DistributedType.MULTI_CPU), "grpo"),
+    ],
+    ids=["fsdp-quark", "fsdp-rft", "zero2-ppo", "ddp-grpo"],
+)
+def test_supported_setups_pass(accelerator, algorithm):
+    check_weight_sharding(accelerator, load_config(None, [f"algorithm={algorithm}"]))
