@@ -246,9 +246,12 @@ def _iterate(
         if config.report_to:
             scalars = {f"eval/{k}": v for k, v in metrics[-1].items() if isinstance(v, float)}
             accelerator.log(scalars, step=iteration)
-    if config.report_to:
-        accelerator.end_training()
-    return _write_metrics(out, config, main)
+    metrics = _write_metrics(out, config, main)
+    # Trackers finished and the process group destroyed: gloo's threads left to the
+    # interpreter's exit aborted a finished rank once ("terminate called without an active
+    # exception"), failing the launch.
+    accelerator.end_training()
+    return metrics
 
 
 # The algorithms whose update is the conditional trainer's, the one written for FSDP 2's sharded

@@ -197,6 +197,26 @@ def test_loop_under_fsdp(loop_runs, tmp_path):
     assert not list(out.rglob(".*.tmp"))
 
 
+@pytest.mark.parametrize(
+    ("algorithm", "extra"),
+    [("rft", ["pool.num_quantiles=2"]), ("alt-rm", [])],
+    ids=["rft", "alt-rm"],
+)
+def test_the_other_conditional_algorithms_run_under_fsdp(loop_runs, tmp_path, algorithm, extra):
+    """RFT (no conditioning; 2 quantiles, so that 4 samples fill its best one) and ALT-RM
+    (feedback phrases, no new tokens) through the same sharded trainer: one iteration trains,
+    evaluates and saves a whole checkpoint."""
+    toy, _ = loop_runs
+    out = tmp_path / algorithm
+    args = train_2(out, toy, "count_e_words")[2:]
+    launch_2(str(HERE / "fsdp_cpu.py"), *args, f"algorithm={algorithm}", *extra)
+    trained = load_file(out / "checkpoints" / "iter_001" / "model.safetensors")
+    initial = load_file(toy[0] / "model.safetensors")
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    result = json.loads((out / "iter_001" / "eval.json").read_text())
+    assert result["reward_n"] == 8 * 2
+
+
 def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_path):
     """Rank 1 killed once the samples are written (while the ranks score): torchrun stops the
     other, and the same command rerun ends with the files and weights of the unbroken run."""
