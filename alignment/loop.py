@@ -107,9 +107,18 @@ def run(
         # Only now, with config, prompts and models known good, does the directory become a run.
         if main:
             _claim_run_dir(out, config)
-        return _iterate(
+        metrics = _iterate(
             config, out, accelerator, score, make_sampler, models, train_rows, eval_rows, feedback
         )
+    # Torn down in order: the prepared (DDP, FSDP) modules released while the process group
+    # lives, every rank done, then the group destroyed. Left to the end of `_iterate` or to the
+    # interpreter's exit, a finished rank once aborted in gloo's threads ("terminate called
+    # without an active exception") and once hung destroying DDP after the group was gone.
+    del models
+    accelerator.free_memory()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
 
 
 def _iterate(
@@ -246,12 +255,7 @@ def _iterate(
         if config.report_to:
             scalars = {f"eval/{k}": v for k, v in metrics[-1].items() if isinstance(v, float)}
             accelerator.log(scalars, step=iteration)
-    metrics = _write_metrics(out, config, main)
-    # Trackers finished and the process group destroyed: gloo's threads left to the
-    # interpreter's exit aborted a finished rank once ("terminate called without an active
-    # exception"), failing the launch.
-    accelerator.end_training()
-    return metrics
+    return _write_metrics(out, config, main)
 
 
 # The algorithms whose update is the conditional trainer's, the one written for FSDP 2's sharded

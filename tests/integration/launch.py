@@ -4,15 +4,23 @@ that run the real CLI on several processes."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CONFIGS = REPO / "experiments" / "accelerate"
-ENV = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": f"{REPO}{os.pathsep}{HERE}",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONFAULTHANDLER": "1",
+}
 
 
 def free_port() -> int:
@@ -30,9 +38,17 @@ def launch_2_command(*args: str) -> list[str]:
     return [*launch, "--main_process_port", str(free_port()), *args]
 
 
-def launch_2(*args: str) -> None:
-    """Run it to the end; a failure shows the end of both output streams."""
-    done = subprocess.run(
-        launch_2_command(*args), env=ENV, capture_output=True, text=True, timeout=300
+def launch_2(*args: str, timeout: int = 300) -> None:
+    """Run it to the end; a failure shows the end of both output streams, a hang (`timeout` s) every
+    live rank's Python stacks (SIGABRT, which faulthandler answers with them)."""
+    proc = subprocess.Popen(
+        launch_2_command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=60)
+        raise AssertionError(f"hung for {timeout} s; the ranks' stacks:\n{err[-6000:]}") from None
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
