@@ -63,7 +63,7 @@ from alignment.evaluation import (
 from alignment.interfaces import FeedbackFn, Generation, Sampler, ScoreFn
 from alignment.io import atomic_directory, atomic_write, write_jsonl
 from alignment.metrics import summarize_rewards_by_quantile
-from alignment.models import load_model_and_tokenizer, quantization_config
+from alignment.models import load_model_and_tokenizer, on_cpu, quantization_config
 from alignment.plots import plot_iterations, plot_reward_by_quantile
 from alignment.pool import DataPool
 from alignment.prompts import PromptRow, demo_prompts_path, load_prompts
@@ -93,7 +93,9 @@ def run(
     out = Path(config.out_dir)
     # First of all: the process group, and on a GPU each rank's own device, before any model loads.
     accelerator = Accelerator(
-        cpu=config.model.device == "cpu", log_with=config.report_to or None, project_dir=str(out)
+        cpu=on_cpu(config.model.device),
+        log_with=config.report_to or None,
+        project_dir=str(out),
     )
     check_weight_sharding(accelerator, config)
     main = accelerator.is_main_process

@@ -367,6 +367,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def on_cpu(device: str | None) -> bool:
+    """Whether models given `device` (None: `default_device()`) run on the CPU: accelerate's
+    `cpu` flag. Unset on a machine without GPUs, accelerate ran each launched rank alone, every
+    one of them the main process."""
+    return (device or default_device()) == "cpu"
+
+
 def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 

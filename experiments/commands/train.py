@@ -14,6 +14,7 @@ from accelerate import PartialState
 from alignment.algorithms.best_of_n import RESULT, SAMPLES
 from alignment.config import Config, load_config
 from alignment.loop import run as run_loop
+from alignment.models import on_cpu
 from experiments.commands.common import check_backend, format_best_of_n
 from rewards import load_reward
 from rewards.feedback import (
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     check_backend(config.sampling)
     # Under `accelerate launch` the process group comes first: it makes "cuda" mean this rank's
     # GPU for the reward model as for the policy; the loop's Accelerator reuses this state.
-    state = PartialState(cpu=config.model.device == "cpu")
+    state = PartialState(cpu=on_cpu(config.model.device))
     options: dict[str, object] = dict(config.reward.options)
     if config.reward.quantization is not None:
         options["quantization"] = config.reward.quantization

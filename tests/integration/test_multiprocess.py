@@ -259,7 +259,8 @@ def test_baselines_run_on_two_processes(tmp_path, algorithm):
     its 2 epochs of 4 minibatches and saves the value head and KL state once."""
     model_dir, prompts = write_toy_task(tmp_path)
     out = tmp_path / "run"
-    settings = [o for o in TOY_OVERRIDES if not o.startswith("train.")]
+    # model.device left unset, as a user's config leaves it (cpu here, with no GPU)
+    settings = [o for o in TOY_OVERRIDES if not o.startswith(("train.", "model.device"))]
     settings += ["iterations=1", "data.prompts_per_iteration=8", "data.samples_per_prompt=4"]
     settings += ["data.num_eval_prompts=2", "eval.samples_per_prompt=2", f"algorithm={algorithm}"]
     settings += [f"{algorithm}.batch_size=8", f"{algorithm}.learning_rate=1e-3"]
