@@ -167,6 +167,17 @@ def one_process_likelihood(run: Path, iteration: str) -> dict[str, float]:
     return likelihood_metrics(policy, reference, tokenizer, config.sampling, batch_size, scored)
 
 
+CHECKPOINT = Path("checkpoints") / "iter_001" / "model.safetensors"
+
+
+def trained_weights(run: Path, model_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's iteration-1 checkpoint weights, asserted to differ from the initial model's."""
+    trained = load_file(run / CHECKPOINT)
+    initial = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    return trained
+
+
 def test_loop_under_fsdp(loop_runs, tmp_path):
     """The same command with the policy's weights sharded (FSDP 2, `fsdp_cpu`): sampling from
     the gathered weights draws what DDP's ranks drew, the gathered checkpoint is the policy the
@@ -180,12 +191,10 @@ def test_loop_under_fsdp(loop_runs, tmp_path):
     for name in ["samples.jsonl", "scored.jsonl", "pool.jsonl"]:  # drawn before any training
         path = Path("iter_001") / name
         assert (out / path).read_text() == (ddp / path).read_text(), name
-    checkpoint = Path("checkpoints") / "iter_001" / "model.safetensors"
-    trained, initial = load_file(out / checkpoint), load_file(toy[0] / "model.safetensors")
+    trained = trained_weights(out, toy[0])
     assert {k: v.shape for k, v in trained.items()} == {
-        k: v.shape for k, v in load_file(ddp / checkpoint).items()
+        k: v.shape for k, v in load_file(ddp / CHECKPOINT).items()
     }
-    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
     result = json.loads((out / "iter_001" / "eval.json").read_text())
     recomputed = one_process_likelihood(out, "iter_001")
     for key in ("ref_perplexity", "kl"):
@@ -210,9 +219,7 @@ def test_the_other_conditional_algorithms_run_under_fsdp(loop_runs, tmp_path, al
     out = tmp_path / algorithm
     args = train_2(out, toy, "count_e_words")[2:]
     launch_2(str(HERE / "fsdp_cpu.py"), *args, f"algorithm={algorithm}", *extra)
-    trained = load_file(out / "checkpoints" / "iter_001" / "model.safetensors")
-    initial = load_file(toy[0] / "model.safetensors")
-    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    trained_weights(out, toy[0])
     result = json.loads((out / "iter_001" / "eval.json").read_text())
     assert result["reward_n"] == 8 * 2
 
@@ -243,9 +250,8 @@ def test_sigkill_of_one_rank_then_rerun_matches_an_unbroken_run(loop_runs, tmp_p
     for name in ["samples.jsonl", "scored.jsonl", "pool.jsonl", "eval_samples.jsonl"]:
         path = Path("iter_001") / name
         assert (broken / path).read_text() == (unbroken / path).read_text(), name
-    final = Path("checkpoints") / "iter_001" / "model.safetensors"
-    expected = load_file(unbroken / final)
-    for key, value in load_file(broken / final).items():
+    expected = load_file(unbroken / CHECKPOINT)
+    for key, value in load_file(broken / CHECKPOINT).items():
         assert torch.equal(value, expected[key]), key
     assert not list(broken.rglob(".*.tmp"))
 
@@ -281,7 +287,5 @@ def test_baselines_run_on_two_processes(tmp_path, algorithm):
         assert (state / "value_head.safetensors").exists() and (state / "ppo_state.json").exists()
     else:
         assert [s["step"] for s in steps] == [1, 2]
-    initial = load_file(model_dir / "model.safetensors")
-    trained = load_file(out / "checkpoints" / "iter_001" / "model.safetensors")
-    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    trained_weights(out, model_dir)
     assert not (out / "iter_001" / "trl").exists() and not list(out.rglob(".*.tmp"))
