@@ -14,9 +14,9 @@ wait at a barrier. A rank therefore decides "this stage is done" only between ba
 file is being written, and every rank decides the same. Evaluation samples and scores the same
 way, and its teacher-forced likelihoods (reference perplexity, KL) too: each rank runs the
 policy and reference forwards over its slice of the samples (`sharded_likelihood`), and the
-per-sample values are gathered before they are averaged. Under FSDP 2 the policy's weights are
-sharded, and every sampling and evaluation stage runs with them gathered (`whole_weights`), every
-checkpoint from them gathered on the main process (`whole_state_dict`). Resume a run with
+per-sample values are gathered before they are averaged. Under FSDP 2 or ZeRO-3 the policy's
+weights are sharded, and every sampling and evaluation stage runs with them gathered, every
+checkpoint from them gathered on the main process (`alignment.sharding`). Resume a run with
 the number of processes it started with: the samples depend on it, and each rank restores its
 own RNG state.
 """
@@ -37,10 +37,7 @@ from pathlib import Path
 from typing import cast
 
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
-from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.adapters import write_adapter_base
@@ -68,6 +65,12 @@ from alignment.plots import plot_iterations, plot_reward_by_quantile
 from alignment.pool import DataPool
 from alignment.prompts import PromptRow, demo_prompts_path, load_prompts
 from alignment.records import SampleRecord, load_samples, save_samples
+from alignment.sharding import (
+    check_weight_sharding,
+    loading_whole,
+    whole_state_dict,
+    whole_weights,
+)
 from alignment.trainer import shard_slice
 
 log = logging.getLogger(__name__)
@@ -105,7 +108,8 @@ def run(
         accelerator.wait_for_everyone()  # no rank reads the directory while stale files go
         train_rows, eval_rows = _prompt_sets(config)
         factory = ALGORITHMS[config.algorithm]
-        models = _load_models(config, out, factory.conditioning_for(config))
+        with loading_whole(accelerator):
+            models = _load_models(config, out, factory.conditioning_for(config))
         # Only now, with config, prompts and models known good, does the directory become a run.
         if main:
             _claim_run_dir(out, config)
@@ -258,78 +262,6 @@ def _iterate(
             scalars = {f"eval/{k}": v for k, v in metrics[-1].items() if isinstance(v, float)}
             accelerator.log(scalars, step=iteration)
     return _write_metrics(out, config, main)
-
-
-# The algorithms whose update is the conditional trainer's, the one written for FSDP 2's sharded
-# weights (`ConditionalTrainer`); PPO's value wrapper and trl's trainers are not.
-FSDP_ALGORITHMS = ("quark", "rft", "alt-rm", "alt-feedback", "best-of-n")
-
-
-def check_weight_sharding(accelerator: Accelerator, config: Config) -> None:
-    """Refuse the sharded-weight setups the loop was not written for, before any model loads."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        raise UserError(
-            "DeepSpeed ZeRO-3 is not supported: the loop samples from the whole policy, which it "
-            "gathers for FSDP 2 only; use experiments/accelerate/fsdp.yaml (FSDP 2) or ZeRO-2"
-        )
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return
-    if not accelerator.is_fsdp2:
-        raise UserError("FSDP 1 is not supported: set fsdp_version: 2 in the accelerate config")
-    if config.algorithm not in FSDP_ALGORITHMS:
-        raise UserError(
-            f"algorithm {config.algorithm} under FSDP is not supported (it is for "
-            f"{', '.join(FSDP_ALGORITHMS)}); use DDP or ZeRO-2 (experiments/accelerate/)"
-        )
-    if config.train.lora is not None:
-        raise UserError(
-            "train.lora under FSDP is not supported: LoRA trains a few million parameters over "
-            "a frozen base, which DDP holds whole on every rank (docs/memory.md)"
-        )
-
-
-@contextlib.contextmanager
-def whole_weights(model: nn.Module, accelerator: Accelerator) -> Iterator[None]:
-    """FSDP 2's sharded policy with its whole weights on every rank, until the block ends.
-
-    Each forward of a sharded module all-gathers its weights: a collective every rank must join
-    as often as every other, while ranks sample different prompts and stop decoding at different
-    steps. Gathered once and kept, the forwards are local: what trl does to generate under ZeRO-3
-    (`ds3_gather_for_generation`), for the whole weights' memory on every rank meanwhile. Not
-    under FSDP, nothing happens.
-    """
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
-    try:
-        yield
-    finally:
-        if units:
-            reshard = accelerator.state.fsdp_plugin.reshard_after_forward
-            for unit in units:
-                unit.reshard()
-                unit.set_reshard_after_forward(reshard, recurse=False)
-
-
-def whole_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
-    """Under FSDP 2 the policy's whole weights on the main process (a collective: every rank
-    calls it; the others get an empty dict); None for a model that is not sharded.
-
-    Tied weights come back as separate copies, which `save_pretrained` would write twice: each
-    is kept under its first name only, as `save_pretrained` keeps an unsharded model's.
-    """
-    if not isinstance(model, FSDPModule):
-        return None
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    seen: set[int] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            state.pop(name, None)
-        seen.add(id(param))
-    return state
 
 
 def rank_seed(seed: int, rank: int, num_processes: int) -> int:
@@ -610,7 +542,7 @@ def _save_checkpoint(
             (tmp / TRAINING_STATE).mkdir()
         tmp = broadcast_object_list([tmp])[0]  # after the mkdir: no rank writes before it
         algorithm.save_state(tmp / TRAINING_STATE)
-        weights = whole_state_dict(models.policy)
+        weights = whole_state_dict(models.policy, accelerator)
         accelerator.wait_for_everyone()
         if not main:
             return

@@ -25,8 +25,6 @@ from accelerate import Accelerator
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Shard
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -38,6 +36,7 @@ from alignment.losses import quark_loss, token_logprobs
 from alignment.pool import TrainItem
 from alignment.prefix_sharing import prompt_grouped_batches, shared_prefix_target_logits
 from alignment.prompts import truncate_middle
+from alignment.sharding import deepspeed_settings, local_rows, shards_weights, zero_stage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -267,25 +266,6 @@ def global_token_means(
     }
 
 
-def local_rows(weight: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """The tensor this rank updates of `weight` and the indices in it of those of `rows` it holds.
-
-    A plain tensor holds every row. FSDP 2 shards a weight by rows (a DTensor placed
-    `Shard(0)`, laid out as `torch.chunk` splits: rank r holds rows r * ceil(n / N) onwards), so
-    a rank writes only its own rows and the others write theirs.
-    """
-    if not isinstance(weight, DTensor):
-        return weight, rows.to(weight.device)
-    if weight.placements != (Shard(0),):
-        raise ValueError(f"rows of a DTensor placed {weight.placements}, not (Shard(0),)")
-    local = weight.to_local()
-    mesh = weight.device_mesh
-    start = mesh.get_local_rank() * math.ceil(weight.shape[0] / mesh.size())
-    rows = rows.to(local.device)
-    mine = (rows >= start) & (rows < start + local.shape[0])
-    return local, rows[mine] - start
-
-
 class ConditionalTrainer:
     """Trains the policy on drawn pool items; no sampling, no file I/O but its own state (and
     its last LoRA adapter, with `train.lora.checkpoint=adapter`).
@@ -344,6 +324,16 @@ class ConditionalTrainer:
         )
         self.schedule = WarmupLinearDecay()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
+        acc = self.accelerator
+        if zero_stage(acc) is not None:
+            plugin = acc.state.deepspeed_plugin
+            micro_batch = math.ceil(cfg.batch_size / acc.num_processes)
+            # in place: accelerate reads the same dict through the plugin's `hf_ds_config` too
+            plugin.deepspeed_config.update(
+                deepspeed_settings(
+                    plugin.deepspeed_config, micro_batch, acc.num_processes, cfg.max_grad_norm
+                )
+            )
         self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
             policy, optimizer, scheduler
         )
@@ -410,7 +400,9 @@ class ConditionalTrainer:
         """Warm-up and linear decay over the next `total_steps` steps, from the current step."""
         cfg, scheduler = self.config, self._raw_scheduler
         if cfg.reset_optimizer:
-            self._raw_optimizer.state.clear()  # AdamW's moments and step counts: a fresh AdamW
+            # AdamW's moments and step counts: a fresh AdamW. Through the prepared optimizer's
+            # own: DeepSpeed's steps its fp32 copies of the weights (with offload, as its CPU Adam)
+            self.optimizer.optimizer.state.clear()
         self.schedule.start = scheduler.last_epoch
         self.schedule.warmup = math.ceil(cfg.warmup_ratio * total_steps)
         self.schedule.total = total_steps
@@ -489,7 +481,7 @@ class ConditionalTrainer:
         )
         targets = [target for _, _, target in chunk]
         prompts = [p for p, _, _ in chunk]
-        if isinstance(self.policy, FSDPModule):
+        if shards_weights(self.policy, acc):
             # One forward per step on every rank: each all-gathers the weights, a collective
             # that all ranks must join equally often, and prefix sharing runs one or two.
             batch = collate(prompts, targets, pad)

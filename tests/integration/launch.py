@@ -1,5 +1,5 @@
-"""`accelerate launch` on 2 processes (gloo on CPU) with the shipped DDP config, for the tests
-that run the real CLI on several processes."""
+"""`accelerate launch` on 2 processes (gloo on CPU) with a shipped accelerate config (DDP unless
+said), for the tests that run the real CLI on several processes."""
 
 from __future__ import annotations
 
@@ -31,18 +31,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch_2_command(*args: str) -> list[str]:
-    """The command line; `args` is what follows `accelerate launch [options]`."""
+def launch_2_command(*args: str, config: str = "ddp.yaml") -> list[str]:
+    """The command line; `args` is what follows `accelerate launch [options]`, `config` the shipped
+    accelerate config (experiments/accelerate/) it launches with."""
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    launch += ["--config_file", str(CONFIGS / "ddp.yaml"), "--num_processes", "2"]
+    launch += ["--config_file", str(CONFIGS / config), "--num_processes", "2"]
     return [*launch, "--main_process_port", str(free_port()), *args]
 
 
-def launch_2(*args: str, timeout: int = 300) -> None:
+def launch_2(*args: str, timeout: int = 300, config: str = "ddp.yaml") -> None:
     """Run it to the end; a failure shows the end of both output streams, a hang (`timeout` s) every
     live rank's Python stacks (SIGABRT, which faulthandler answers with them)."""
     proc = subprocess.Popen(
-        launch_2_command(*args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        launch_2_command(*args, config=config),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)

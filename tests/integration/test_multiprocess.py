@@ -21,7 +21,7 @@ import torch
 import train_shard
 import yaml
 from accelerate.utils import DistributedType
-from launch import CONFIGS, ENV, HERE, REPO, launch_2, launch_2_command
+from launch import CONFIGS, ENV, HERE, launch_2, launch_2_command
 from safetensors.torch import load_file
 from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
 
@@ -39,18 +39,30 @@ def test_shipped_accelerate_configs_parse(path):
     config = yaml.safe_load(path.read_text())
     assert config["distributed_type"] in {t.value for t in DistributedType}
     assert f"--config_file experiments/accelerate/{path.name}" in path.read_text()
-    deepspeed_file = config.get("deepspeed_config", {}).get("deepspeed_config_file")
-    if deepspeed_file is not None:
-        assert json.loads((REPO / deepspeed_file).read_text())["train_micro_batch_size_per_gpu"]
 
 
-@pytest.mark.parametrize("mode", ["top-blocks", "lora", "fsdp"])
+# mode: (LoRA, engine forced by `sharded_cpu`, shipped accelerate config launched with)
+TRAIN_MODES = {
+    "top-blocks": (False, None, "ddp.yaml"),
+    "lora": (True, None, "ddp.yaml"),
+    "fsdp": (False, "fsdp", "ddp.yaml"),
+    "zero2-lora": (True, "deepspeed", "zero2.yaml"),
+    "zero3-offload": (False, "deepspeed", "zero3_offload.yaml"),
+}
+
+
+@pytest.mark.parametrize("mode", list(TRAIN_MODES))
 def test_two_processes_train_as_one(tmp_path, mode):
     """Same items, same seed: the weights and logged losses equal the one-process run's. The
     shards differ in token count and the last batch leaves one rank empty. Under FSDP 2 each
-    rank holds half of every weight, the control tokens' embedding rows (scaled steps) on one."""
-    train_shard.main(str(tmp_path / "one"), lora=mode == "lora")
-    launch_2(str(HERE / "train_shard.py"), str(tmp_path / "two"), mode)
+    rank holds half of every weight, the control tokens' embedding rows (scaled steps) on one.
+    Under DeepSpeed the clipping and the step are DeepSpeed's (ZeRO-3: on its CPU Adam, with
+    every weight partitioned), and the control rows' step is not scaled (refused there)."""
+    lora, engine, config = TRAIN_MODES[mode]
+    multiplier = 1.0 if engine == "deepspeed" else 2.0
+    train_shard.main(str(tmp_path / "one"), lora=lora, control_lr_multiplier=multiplier)
+    options = [*(["lora"] if lora else []), *([engine] if engine else [])]
+    launch_2(str(HERE / "train_shard.py"), str(tmp_path / "two"), *options, config=config)
     histories = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("one", "two")]
     assert len(histories[0]) == len(histories[1]) == 6
     for a, b in zip(*histories, strict=True):
@@ -58,8 +70,9 @@ def test_two_processes_train_as_one(tmp_path, mode):
         for key in ("loss", "nll", "entropy", "grad_norm", "lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
     one, two = (load_file(tmp_path / d / "weights.safetensors") for d in ("one", "two"))
-    # FSDP's gathered weights name a tied matrix once (`whole_state_dict`), as a checkpoint does
-    assert set(two) == set(one) - ({"lm_head.weight"} if mode == "fsdp" else set())
+    # sharded weights, gathered, name a tied matrix once (`whole_state_dict`), as a checkpoint does
+    sharded = mode in ("fsdp", "zero3-offload")
+    assert set(two) == set(one) - ({"lm_head.weight"} if sharded else set())
     for name, value in two.items():
         assert (one[name] - value).abs().max() < 1e-3, name
 
@@ -178,19 +191,33 @@ def trained_weights(run: Path, model_dir: Path) -> dict[str, torch.Tensor]:
     return trained
 
 
-def test_loop_under_fsdp(loop_runs, tmp_path):
-    """The same command with the policy's weights sharded (FSDP 2, `fsdp_cpu`): sampling from
-    the gathered weights draws what DDP's ranks drew, the gathered checkpoint is the policy the
-    evaluation scored, and a rerun with one more iteration resumes from the sharded optimizer
-    state. (The trainer's numbers under FSDP: test_two_processes_train_as_one.)"""
+# engine: (engine forced by `sharded_cpu`, shipped accelerate config, extra settings)
+LOOP_ENGINES = {
+    "fsdp": ("fsdp", "ddp.yaml", []),
+    "zero3-offload": ("deepspeed", "zero3_offload.yaml", []),
+    "zero2-lora": ("deepspeed", "zero2.yaml", ["train.lora={}"]),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOP_ENGINES))
+def test_loop_under_sharding_engines(loop_runs, tmp_path, name):
+    """The same command under FSDP 2 or DeepSpeed (`sharded_cpu`): sampling from the gathered
+    weights draws what DDP's ranks drew, the gathered checkpoint is the policy the evaluation
+    scored, and a rerun with one more iteration resumes from the engine's optimizer state (with
+    LoRA: a new adapter, so a new DeepSpeed engine). (The trainer's numbers under each engine:
+    test_two_processes_train_as_one.)"""
     toy, runs = loop_runs
-    out = tmp_path / "fsdp"
-    command = [str(HERE / "fsdp_cpu.py"), *train_2(out, toy, "count_e_words")[2:]]
-    launch_2(*command)
+    engine, config, extra = LOOP_ENGINES[name]
+    out = tmp_path / name
+    args = train_2(out, toy, "count_e_words")[2:]
+    if "train.lora={}" in extra:  # the adapters train, over a frozen base
+        args.remove("train.unfrozen_layers_ratio=1.0")
+    command = [str(HERE / "sharded_cpu.py"), engine, *args]
+    launch_2(*command, *extra, config=config)
     ddp = runs["two"]
-    for name in ["samples.jsonl", "scored.jsonl", "pool.jsonl"]:  # drawn before any training
-        path = Path("iter_001") / name
-        assert (out / path).read_text() == (ddp / path).read_text(), name
+    for stage in ["samples.jsonl", "scored.jsonl", "pool.jsonl"]:  # drawn before any training
+        path = Path("iter_001") / stage
+        assert (out / path).read_text() == (ddp / path).read_text(), stage
     trained = trained_weights(out, toy[0])
     assert {k: v.shape for k, v in trained.items()} == {
         k: v.shape for k, v in load_file(ddp / CHECKPOINT).items()
@@ -199,7 +226,7 @@ def test_loop_under_fsdp(loop_runs, tmp_path):
     recomputed = one_process_likelihood(out, "iter_001")
     for key in ("ref_perplexity", "kl"):
         assert result[key] == pytest.approx(recomputed[key], rel=1e-5, abs=1e-6), key
-    launch_2(*command, "iterations=2")
+    launch_2(*command, *extra, "iterations=2", config=config)
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["iteration"] for m in metrics] == [0, 1, 2]
     assert (out / "checkpoints" / "iter_002" / "training_state").is_dir()
@@ -218,7 +245,7 @@ def test_the_other_conditional_algorithms_run_under_fsdp(loop_runs, tmp_path, al
     toy, _ = loop_runs
     out = tmp_path / algorithm
     args = train_2(out, toy, "count_e_words")[2:]
-    launch_2(str(HERE / "fsdp_cpu.py"), *args, f"algorithm={algorithm}", *extra)
+    launch_2(str(HERE / "sharded_cpu.py"), "fsdp", *args, f"algorithm={algorithm}", *extra)
     trained_weights(out, toy[0])
     result = json.loads((out / "iter_001" / "eval.json").read_text())
     assert result["reward_n"] == 8 * 2

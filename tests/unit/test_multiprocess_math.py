@@ -18,7 +18,8 @@ from alignment.evaluation import (
     likelihood_terms,
 )
 from alignment.interfaces import Generation
-from alignment.loop import check_weight_sharding, rank_seed
+from alignment.loop import rank_seed
+from alignment.sharding import check_weight_sharding, deepspeed_settings
 from alignment.trainer import shard_loss_weight, shard_slice
 
 
@@ -89,15 +90,22 @@ def accelerator_like(distributed_type: DistributedType, fsdp2: bool = True, zero
     )
 
 
+ZERO2 = accelerator_like(DistributedType.DEEPSPEED, zero_stage=2)
+ZERO3 = accelerator_like(DistributedType.DEEPSPEED, zero_stage=3)
+
+
 @pytest.mark.parametrize(
     ("accelerator", "overrides", "message"),
     [
-        (accelerator_like(DistributedType.DEEPSPEED, zero_stage=3), [], "ZeRO-3"),
         (accelerator_like(DistributedType.FSDP, fsdp2=False), [], "fsdp_version: 2"),
         (accelerator_like(DistributedType.FSDP), ["algorithm=ppo"], "algorithm ppo under FSDP"),
         (accelerator_like(DistributedType.FSDP), ["train.lora={}"], "train.lora under FSDP"),
+        (ZERO2, ["algorithm=grpo"], "algorithm grpo under DeepSpeed ZeRO-2"),
+        (ZERO3, ["algorithm=ppo"], "algorithm ppo under DeepSpeed ZeRO-3"),
+        (ZERO3, ["train.lora={}"], "train.lora under DeepSpeed ZeRO-3"),
+        (ZERO2, ["train.control_lr_multiplier=2"], "control_lr_multiplier under DeepSpeed"),
     ],
-    ids=["zero3", "fsdp1", "fsdp-ppo", "fsdp-lora"],
+    ids=["fsdp1", "fsdp-ppo", "fsdp-lora", "zero2-grpo", "zero3-ppo", "zero3-lora", "zero2-rows"],
 )
 def test_sharded_setups_the_loop_was_not_written_for_are_refused(accelerator, overrides, message):
     with pytest.raises(UserError, match=message):
@@ -105,14 +113,45 @@ def test_sharded_setups_the_loop_was_not_written_for_are_refused(accelerator, ov
 
 
 @pytest.mark.parametrize(
-    ("accelerator", "algorithm"),
+    ("accelerator", "overrides"),
     [
-        (accelerator_like(DistributedType.FSDP), "quark"),
-        (accelerator_like(DistributedType.FSDP), "rft"),
-        (accelerator_like(DistributedType.DEEPSPEED, zero_stage=2), "ppo"),
-        (accelerator_like(DistributedType.MULTI_CPU), "grpo"),
+        (accelerator_like(DistributedType.FSDP), ["algorithm=quark"]),
+        (accelerator_like(DistributedType.FSDP), ["algorithm=rft"]),
+        (ZERO3, ["algorithm=alt-rm"]),
+        (ZERO2, ["train.lora={}"]),
+        (accelerator_like(DistributedType.MULTI_CPU), ["algorithm=grpo"]),
     ],
-    ids=["fsdp-quark", "fsdp-rft", "zero2-ppo", "ddp-grpo"],
+    ids=["fsdp-quark", "fsdp-rft", "zero3-alt-rm", "zero2-lora", "ddp-grpo"],
 )
-def test_supported_setups_pass(accelerator, algorithm):
-    check_weight_sharding(accelerator, load_config(None, [f"algorithm={algorithm}"]))
+def test_supported_setups_pass(accelerator, overrides):
+    check_weight_sharding(accelerator, load_config(None, overrides))
+
+
+def test_deepspeed_settings_fill_what_the_trainer_decides():
+    given = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto", "x": 1}
+    settled = deepspeed_settings(given, micro_batch=3, num_processes=4, max_grad_norm=0.5)
+    assert settled == {
+        "train_micro_batch_size_per_gpu": 3,
+        "train_batch_size": 12,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.5,
+        "x": 1,
+    }
+    assert given["gradient_clipping"] == "auto"  # a new dict: the caller decides where it goes
+    # no clipping is DeepSpeed's 0; an explicit micro batch is kept, the total made to agree
+    settled = deepspeed_settings({"train_micro_batch_size_per_gpu": 1}, 3, 4, None)
+    assert (settled["train_batch_size"], settled["gradient_clipping"]) == (4, 0.0)
+    # explicit values that agree with the trainer are fine
+    deepspeed_settings({"gradient_accumulation_steps": 1, "gradient_clipping": 1.0}, 3, 4, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps: 4 contradicts train"),
+        ({"gradient_clipping": 1.0}, "gradient_clipping: 1.0 contradicts train.max_grad_norm"),
+    ],
+)
+def test_deepspeed_settings_refuse_a_contradiction(entry, message):
+    with pytest.raises(UserError, match=message):
+        deepspeed_settings(entry, micro_batch=2, num_processes=2, max_grad_norm=0.5)
