@@ -1,9 +1,11 @@
-"""Two processes (gloo on CPU) through the real `accelerate launch` CLI and the shipped DDP config.
+"""Two processes (gloo on CPU) through the real `accelerate launch` CLI and the shipped configs
+(DDP; FSDP 2 and DeepSpeed forced on by `sharded_cpu`, accelerate enabling them only with GPUs).
 
 The loop: every prompt sampled exactly once, the main process alone writes each stage, and the
 files hold what a one-process run's hold (the samples themselves differ: each rank draws from its
 own seed), and a rank killed mid-iteration costs nothing once the command is rerun. The
-trainer (top blocks or LoRA): the same items trained on 2 processes give the one-process weights.
+trainer (top blocks or LoRA, under each engine): the same items trained on 2 processes give the
+one-process weights.
 """
 
 from __future__ import annotations
