@@ -75,7 +75,7 @@ class ModelConfig:
     """None = cuda when available, else cpu."""
     trust_remote_code: bool = False
     reference_quantization: Literal["8bit", "4bit"] | None = None
-    """Load the frozen reference in 8 or 4 bits through bitsandbytes (CUDA only)."""
+    """Load the frozen reference in 8 or 4 bits through bitsandbytes (CUDA or CPU)."""
 
 
 @dataclass
@@ -98,7 +98,7 @@ class RewardConfig:
     """Reward spec understood by rewards.load_reward (name, path or module:function)."""
     batch_size: int = 32
     quantization: Literal["8bit", "4bit"] | None = None
-    """Load the reward model in 8 or 4 bits through bitsandbytes (CUDA only; classifier and
+    """Load the reward model in 8 or 4 bits through bitsandbytes (CUDA or CPU; classifier and
     seq2seq rewards)."""
     options: dict[str, str] = field(default_factory=dict)
     """Backend keyword arguments, e.g. {tokenizer: EleutherAI/gpt-j-6b} for the CarperAI RM."""

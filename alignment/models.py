@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import pickle
@@ -192,10 +193,11 @@ def quantization_config(quantization: str | None, option: str) -> BitsAndBytesCo
         return None
     if quantization not in ("8bit", "4bit"):
         raise UserError(f"{option} must be 8bit or 4bit (or null), got {quantization!r}")
-    if not torch.cuda.is_available():
+    if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
-            f"{option}={quantization} needs a CUDA GPU (bitsandbytes); this machine has none: "
-            f"set {option}=null to load the model in full precision"
+            f"{option}={quantization} needs bitsandbytes, which is not installed (it is a "
+            f"dependency on Linux): install it, or set {option}=null to load the model in full "
+            "precision"
         )
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -216,7 +218,7 @@ def load_model(
 ) -> PreTrainedModel:
     """Load weights by hub id, local path or `embedded:` name; eval mode, on `device`.
 
-    A `quantization` config (see `quantization_config`) places the model on the GPU itself.
+    A `quantization` config (see `quantization_config`) places the model on `device` itself.
     An adapter checkpoint (`alignment.adapters`) loads as the merged model it stands for.
     """
     torch_dtype(dtype)

@@ -95,7 +95,7 @@ class Seq2SeqReward(RewardBase):
         target: likelihood mode: the text whose mean per-token log-likelihood is the score.
         max_length: encoder tokens; longer inputs lose their start (the completion sits last in
             every template here, so what is judged is kept).
-        quantization: `8bit` or `4bit` to load the model through bitsandbytes (CUDA only).
+        quantization: `8bit` or `4bit` to load the model through bitsandbytes (CUDA or CPU).
     """
 
     def __init__(
