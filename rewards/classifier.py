@@ -45,7 +45,8 @@ class ClassifierReward(RewardBase):
             head and `TL;DR:` line (as `quark-alt train-rm` trains), a custom template loses the
             start of the text, pair mode the start of the prompt.
         batch_size: sequences per forward pass (batched by length).
-        quantization: `8bit` or `4bit` to load the frozen classifier through bitsandbytes (CUDA or CPU).
+        quantization: `8bit` or `4bit` to load the frozen classifier through bitsandbytes
+            (CUDA or CPU).
     """
 
     def __init__(
