@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.comparison import conditioning_curve
-from alignment.conditioning import Conditioning
+from alignment.conditioning import Conditioning, control_token_ids
 from alignment.config import Config, SamplingConfig
 from alignment.interfaces import Generation, Sampler, ScoreFn
 from alignment.metrics import (
@@ -248,7 +248,10 @@ def likelihood_terms(
     cond = [encode_prompt(tokenizer, conditioned[i], sampling) for i in keep]
     pad = tokenizer.pad_token_id
     ref_lp = target_logprobs(reference, bare, targets, pad, batch_size)
-    pol_lp = target_logprobs(policy, cond, targets, pad, batch_size)
+    # the policy as sampled: the samplers never emit a control token (its mass, counted, biased
+    # the KL low by its log(1 - mass) per token: -0.39 nats per sample on the toy vocabulary)
+    banned = control_token_ids(tokenizer)
+    pol_lp = target_logprobs(policy, cond, targets, pad, batch_size, banned)
     ref_padded = pad_sequence(ref_lp, batch_first=True)
     mask = pad_sequence([torch.ones_like(x) for x in ref_lp], batch_first=True)
     return LikelihoodTerms(

@@ -108,12 +108,14 @@ def target_logprobs(
     targets: Sequence[list[int]],
     pad_id: int,
     batch_size: int,
+    banned: Sequence[int] = (),
 ) -> list[Tensor]:
     """log p(target token | prompt, earlier target tokens) for each pair; one 1-D tensor each.
 
     Pairs that share a prompt (K samples of one prompt, in a row) run it once per batch
     (`shared_prefix_target_logits`): evaluation scores every sample under two models, and
-    teacher-forcing each sample's whole prompt cost more than sampling them did.
+    teacher-forcing each sample's whole prompt cost more than sampling them did. `banned` tokens
+    get probability 0, the rest renormalized: the distribution of a sampler that never emits them.
     """
     out: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
@@ -121,6 +123,8 @@ def target_logprobs(
         logits, batch = shared_prefix_target_logits(
             model, prompts[start:end], targets[start:end], pad_id
         )
+        if banned:
+            logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), -math.inf)
         logprobs = token_logprobs(logits, batch.labels.to(model.device))
         for row, n in zip(logprobs.cpu(), batch.label_mask.sum(-1).tolist(), strict=True):
             out.append(row[:n])
