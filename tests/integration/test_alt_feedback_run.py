@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from launch import launch_2
+from launch import HERE, launch_2
 from toy import TOY_OVERRIDES, count_e_words, run_overrides, write_toy_task
 
 import alignment.trainer
@@ -195,16 +195,22 @@ def test_alt_lmc_conditions_on_categories_best_first(tmp_path, server, encoded):
     assert conditioned and len(conditioned) * 2 == len(encoded)
 
 
-def test_on_two_processes_each_generation_is_asked_once(tmp_path, server):
+@pytest.mark.parametrize("engine", ["ddp", "zero3-offload"])
+def test_on_two_processes_each_generation_is_asked_once(tmp_path, server, engine):
     """Under `accelerate launch` the main process alone asks (one writer of the reply cache)
-    and both ranks train on the same feedback.jsonl."""
+    and both ranks train on the same feedback.jsonl; also with the policy's weights sharded by
+    DeepSpeed ZeRO-3 (`sharded_cpu`)."""
     server.reply = alt_reply
     model_dir, prompts = write_toy_task(tmp_path)
     out = tmp_path / "run"
     url = f"http://127.0.0.1:{server.server_port}/v1"
     settings = [*TOY_OVERRIDES, *FAST, f"feedback_provider.base_url={url}", "iterations=1"]
     settings += ["reward.name=toy:count_e_words", *run_overrides(out, model_dir, prompts)]
-    launch_2("-m", "experiments.cli", "train", "-", *settings)
+    if engine == "ddp":
+        launch_2("-m", "experiments.cli", "train", "-", *settings)
+    else:
+        sharded = str(HERE / "sharded_cpu.py")
+        launch_2(sharded, "deepspeed", "train", "-", *settings, config="zero3_offload.yaml")
     generations = [
         g for r in load_samples(out / "iter_001" / "feedback.jsonl") for g in r.generations
     ]
