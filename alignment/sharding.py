@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -28,8 +29,8 @@ from torch.distributed.tensor import DTensor, Shard
 from alignment.config import Config
 from alignment.errors import UserError
 
-# The algorithms whose update is the conditional trainer's (`ConditionalTrainer`); PPO's value
-# wrapper and trl's trainers prepare their models their own way.
+# The algorithms whose update is the conditional trainer's (`ConditionalTrainer`), and best-of-n,
+# which trains nothing; PPO's value wrapper and trl's trainers prepare their models their own way.
 SHARDED_ALGORITHMS = ("quark", "rft", "alt-rm", "alt-feedback", "best-of-n")
 
 
@@ -60,23 +61,27 @@ def check_weight_sharding(accelerator: Accelerator, config: Config) -> None:
             f"train.lora under {engine} is not supported: LoRA trains a few million parameters "
             "over a frozen base, which DDP or ZeRO-2 hold whole on every rank (docs/memory.md)"
         )
-    if stage is not None and config.train.control_lr_multiplier != 1.0:
+    # with LoRA the rows are their own parameter group, with its own learning rate
+    scaled_rows = config.train.control_lr_multiplier != 1.0 and config.train.lora is None
+    if stage is not None and scaled_rows:
         raise UserError(
             f"train.control_lr_multiplier under {engine} is not supported: DeepSpeed steps its own "
             "fp32 copy of the weights, which the scaled step of the control rows cannot reach; "
-            "set it to 1 or use DDP/FSDP"
+            "set it to 1, or use LoRA, DDP or FSDP"
         )
 
 
 def deepspeed_settings(
-    ds_config: dict, micro_batch: int, num_processes: int, max_grad_norm: float | None
-) -> dict:
-    """The entries of a DeepSpeed config that the trainer decides, filled where they are "auto"
-    (or absent); an explicit value that contradicts the trainer is an error, not overridden.
+    ds_config: dict[str, Any], micro_batch: int, num_processes: int, max_grad_norm: float | None
+) -> dict[str, Any]:
+    """`ds_config` with the entries the trainer decides filled where they are "auto" (or absent).
 
     `train.batch_size` is the global batch of one optimizer step, split across ranks, so each rank
-    runs `micro_batch` items and accumulates nothing; `train.max_grad_norm` is the clipping, which
-    DeepSpeed applies inside its step (accelerate's `clip_grad_norm_` only reads the norm then).
+    runs `micro_batch` items and accumulates nothing: an explicit `gradient_accumulation_steps`
+    other than 1 is an error. `train.max_grad_norm` is the clipping, which DeepSpeed applies
+    inside its step (accelerate's `clip_grad_norm_` only reads the norm then): an explicit
+    `gradient_clipping` other than it is an error. Explicit batch sizes are kept: DeepSpeed only
+    counts with them (and checks them against each other).
     """
     settled = dict(ds_config)
     # bookkeeping only (the trainer, not DeepSpeed, splits the batch), kept consistent as
@@ -131,8 +136,9 @@ def whole_weights(model: nn.Module, accelerator: Accelerator) -> Iterator[None]:
 
     Gathered once and kept, every forward inside is local, for the whole weights' memory on every
     rank meanwhile. FSDP 2: every unit unsharded, with no reshard after forward. ZeRO-3:
-    DeepSpeed's own `unwrap_model_for_generation` (its hooks off, the parameters gathered).
-    Otherwise nothing happens.
+    DeepSpeed's own `unwrap_model_for_generation` (its hooks off, the parameters gathered; an
+    exception inside leaves the hooks off, which ends the run anyway). Otherwise nothing happens.
+    Not to be nested with `whole_state_dict`: DeepSpeed refuses to gather gathered parameters.
     """
     if zero_stage(accelerator) == 3 and accelerator.deepspeed_engine_wrapped is not None:
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation

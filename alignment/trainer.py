@@ -101,6 +101,12 @@ def target_logits(model: nn.Module, batch: Batch) -> Tensor:
     return out.logits[:, :-1].float()
 
 
+def ban_tokens(logits: Tensor, ids: Sequence[int] | Tensor) -> Tensor:
+    """`logits` with `ids` at -inf: the distribution of a sampler that never emits them (the
+    control tokens), renormalized over the rest."""
+    return logits.index_fill(-1, torch.as_tensor(ids, device=logits.device), -math.inf)
+
+
 @torch.no_grad()
 def target_logprobs(
     model: nn.Module,
@@ -124,7 +130,7 @@ def target_logprobs(
             model, prompts[start:end], targets[start:end], pad_id
         )
         if banned:
-            logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), -math.inf)
+            logits = ban_tokens(logits, banned)
         logprobs = token_logprobs(logits, batch.labels.to(model.device))
         for row, n in zip(logprobs.cpu(), batch.label_mask.sum(-1).tolist(), strict=True):
             out.append(row[:n])
@@ -312,7 +318,8 @@ class ConditionalTrainer:
         self._adapter: tempfile.TemporaryDirectory | None = None
         self._base_rows: dict[str, Tensor] | None = None
         # The weights are saved as a checkpoint by the loop (save_pretrained); the training
-        # state next to them holds only what the checkpoint lacks.
+        # state next to them holds only what the checkpoint lacks. (Not under FSDP or DeepSpeed:
+        # accelerate saves their prepared model outside these hooks, a copy of the weights.)
         accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear())
         accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())
 
@@ -344,7 +351,7 @@ class ConditionalTrainer:
         # Each global batch is split across the ranks (accelerate's `split_batches`), so one
         # optimizer step is one schedule step; by default accelerate steps it once per rank.
         self.scheduler.split_batches = True
-        self._raw_optimizer, self._raw_scheduler = optimizer, scheduler
+        self._raw_scheduler = scheduler
 
     def _add_adapter(self) -> None:
         """Wrap the policy in a fresh LoRA adapter; the control rows' step scaled by a param group.
@@ -411,9 +418,11 @@ class ConditionalTrainer:
         self.schedule.warmup = math.ceil(cfg.warmup_ratio * total_steps)
         self.schedule.total = total_steps
         factor = self.schedule(scheduler.last_epoch)
-        for group, base in zip(self._raw_optimizer.param_groups, scheduler.base_lrs, strict=True):
+        # the prepared optimizer's groups: under DeepSpeed's offload they are its CPU Adam's
+        groups = self.optimizer.param_groups
+        for group, base in zip(groups, scheduler.base_lrs, strict=True):
             group["lr"] = base * factor
-        scheduler._last_lr = [group["lr"] for group in self._raw_optimizer.param_groups]
+        scheduler._last_lr = [group["lr"] for group in groups]
 
     def _encode(self, item: TrainItem) -> tuple[list[int], list[int], list[int]]:
         conditioned = (
@@ -496,7 +505,7 @@ class ConditionalTrainer:
             logits, batch = shared_prefix_target_logits(self.policy, prompts, targets, pad)
         if cfg.mask_control_logits and self.control_ids is not None:
             # The sampler never emits control tokens, so train the distribution it samples from.
-            logits = logits.index_fill(-1, self.control_ids.to(logits.device), float("-inf"))
+            logits = ban_tokens(logits, self.control_ids)
         ref_logits = None
         if cfg.kl_coef > 0 and self.reference is not None:
             with torch.no_grad():

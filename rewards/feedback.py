@@ -418,6 +418,9 @@ class HFFeedback(FeedbackProvider):
             with torch.inference_mode():
                 generated = self.model.generate(  # type: ignore[operator]
                     **encoded,
+                    # One process replies (the main one, alt-feedback's loop): transformers would
+                    # otherwise sync every decoding step with the other ranks under ZeRO-3.
+                    synced_gpus=False,
                     do_sample=False,
                     num_beams=1,
                     max_new_tokens=self.max_new_tokens,

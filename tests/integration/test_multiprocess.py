@@ -48,6 +48,7 @@ TRAIN_MODES = {
     "top-blocks": (False, None, "ddp.yaml"),
     "lora": (True, None, "ddp.yaml"),
     "fsdp": (False, "fsdp", "ddp.yaml"),
+    "zero2": (False, "deepspeed", "zero2.yaml"),
     "zero2-lora": (True, "deepspeed", "zero2.yaml"),
     "zero3-offload": (False, "deepspeed", "zero3_offload.yaml"),
 }

@@ -204,6 +204,17 @@ def test_random_causal_model_replies_do_not_parse_and_are_counted(gpt2_dir):
     assert (provider.stats.requested, provider.stats.unparsable, provider.stats.failed) == (3, 3, 0)
 
 
+def test_replies_never_wait_for_other_ranks(gpt2_dir, monkeypatch):
+    """The main process alone replies; under DeepSpeed ZeRO-3 transformers' `generate` would
+    otherwise all-reduce at every step with ranks that are not generating (a hang)."""
+    provider = HFFeedback(str(gpt2_dir), prompt=PROMPT, max_new_tokens=2, device="cpu")
+    calls = []
+    generate = provider.model.generate
+    monkeypatch.setattr(provider.model, "generate", lambda **kw: calls.append(kw) or generate(**kw))
+    provider.replies(PROMPTS[:1], COMPLETIONS[:1])
+    assert calls and all(call["synced_gpus"] is False for call in calls)
+
+
 def test_batched_greedy_replies_match_one_at_a_time(gpt2_dir):
     batched = HFFeedback(str(gpt2_dir), prompt=PROMPT, max_new_tokens=6, batch_size=3, device="cpu")
     single = HFFeedback(str(gpt2_dir), prompt=PROMPT, max_new_tokens=6, batch_size=1, device="cpu")

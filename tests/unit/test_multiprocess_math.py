@@ -118,10 +118,10 @@ def test_sharded_setups_the_loop_was_not_written_for_are_refused(accelerator, ov
         (accelerator_like(DistributedType.FSDP), ["algorithm=quark"]),
         (accelerator_like(DistributedType.FSDP), ["algorithm=rft"]),
         (ZERO3, ["algorithm=alt-rm"]),
-        (ZERO2, ["train.lora={}"]),
+        (ZERO2, ["train.lora={}", "train.control_lr_multiplier=2"]),
         (accelerator_like(DistributedType.MULTI_CPU), ["algorithm=grpo"]),
     ],
-    ids=["fsdp-quark", "fsdp-rft", "zero3-alt-rm", "zero2-lora", "ddp-grpo"],
+    ids=["fsdp-quark", "fsdp-rft", "zero3-alt-rm", "zero2-lora-rows", "ddp-grpo"],
 )
 def test_supported_setups_pass(accelerator, overrides):
     check_weight_sharding(accelerator, load_config(None, overrides))

@@ -3,7 +3,6 @@ for real and close to full precision; refused with the option's name where it is
 
 import importlib.util
 
-import bitsandbytes as bnb
 import pytest
 import torch
 from conftest import build_tiny_tokenizer
@@ -14,6 +13,11 @@ from alignment.errors import UserError
 from alignment.loop import run
 from alignment.models import load_model_and_tokenizer, quantization_config
 from rewards import load_reward
+
+# bitsandbytes is a dependency on Linux only
+needs_bitsandbytes = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"
+)
 
 
 def test_full_precision_needs_no_config():
@@ -71,9 +75,10 @@ def small_gptj_dir(tmp_path_factory):
     return save_small_gptj(tmp_path_factory.mktemp("small-gptj"), GPTJForCausalLM)
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize(
     ("bits", "layer", "max_kl"),
-    [("8bit", bnb.nn.Linear8bitLt, 1e-3), ("4bit", bnb.nn.Linear4bit, 2e-2)],
+    [("8bit", "Linear8bitLt", 1e-3), ("4bit", "Linear4bit", 2e-2)],
 )
 def test_a_quantized_frozen_model_is_quantized_and_close_to_full_precision(
     small_gptj_dir, bits, layer, max_kl
@@ -86,7 +91,7 @@ def test_a_quantized_frozen_model_is_quantized_and_close_to_full_precision(
     quantized, _ = load_model_and_tokenizer(
         str(small_gptj_dir), device="cpu", quantization=quantization_config(bits, option)
     )
-    assert isinstance(quantized.transformer.h[0].mlp.fc_in, layer)
+    assert type(quantized.transformer.h[0].mlp.fc_in).__name__ == layer  # bitsandbytes' layer
     ids = tokenizer(["the cat sat on the mat", "a dog ran"], return_tensors="pt", padding=True)
     with torch.no_grad():
         p = torch.log_softmax(full(**ids).logits.float(), -1)
@@ -95,6 +100,7 @@ def test_a_quantized_frozen_model_is_quantized_and_close_to_full_precision(
     assert 0 < kl < max_kl
 
 
+@needs_bitsandbytes
 def test_a_quantized_reward_scores_as_the_full_precision_one(tmp_path):
     """`reward.quantization=4bit` reaches the classifier reward: its layers are bitsandbytes' and
     its scores stay close to the full-precision classifier's."""
@@ -103,7 +109,7 @@ def test_a_quantized_reward_scores_as_the_full_precision_one(tmp_path):
     completions = ["the cat did it", "a dog", "homework is gone", "cats eat paper"]
     full = load_reward(f"classifier:{folder}")
     quantized = load_reward(f"classifier:{folder}", quantization="4bit")
-    assert isinstance(quantized.model.transformer.h[0].mlp.fc_in, bnb.nn.Linear4bit)
+    assert type(quantized.model.transformer.h[0].mlp.fc_in).__name__ == "Linear4bit"
     a, b = full.score(prompts, completions), quantized.score(prompts, completions)
     assert a != b  # quantized (4-bit, bf16 compute): ~0.04 apart on scores spread over 0.6
     assert b == pytest.approx(a, abs=0.1)
