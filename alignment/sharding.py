@@ -15,7 +15,9 @@ The conditional trainer (`SHARDED_ALGORITHMS`) is the update written for these e
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,9 +31,18 @@ from torch.distributed.tensor import DTensor, Shard
 from alignment.config import Config
 from alignment.errors import UserError
 
+log = logging.getLogger(__name__)
+
 # The algorithms whose update is the conditional trainer's (`ConditionalTrainer`), and best-of-n,
 # which trains nothing; PPO's value wrapper and trl's trainers prepare their models their own way.
 SHARDED_ALGORITHMS = ("quark", "rft", "alt-rm", "alt-feedback", "best-of-n")
+
+
+# What `accelerate launch --config_file` sets for an engine, and the engine it should give.
+ENGINE_REQUESTS = {
+    "ACCELERATE_USE_DEEPSPEED": DistributedType.DEEPSPEED,
+    "ACCELERATE_USE_FSDP": DistributedType.FSDP,
+}
 
 
 def zero_stage(accelerator: Accelerator) -> int | None:
@@ -41,7 +52,17 @@ def zero_stage(accelerator: Accelerator) -> int | None:
 
 
 def check_weight_sharding(accelerator: Accelerator, config: Config) -> None:
-    """Refuse the sharded setups the loop was not written for, before any model loads."""
+    """Refuse the sharded setups the loop was not written for, before any model loads; say so
+    when a launch asked for an engine that accelerate did not turn on."""
+    for variable, engine_type in ENGINE_REQUESTS.items():
+        asked = os.environ.get(variable, "false").lower() == "true"
+        if asked and accelerator.distributed_type != engine_type:
+            log.warning(
+                "the accelerate config asks for %s, which accelerate turns on only with GPUs: "
+                "this run is plain %s (weights whole on every rank)",
+                engine_type.value,
+                accelerator.distributed_type.value,
+            )
     stage = zero_stage(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
         if not accelerator.is_fsdp2:

@@ -155,3 +155,15 @@ def test_deepspeed_settings_fill_what_the_trainer_decides():
 def test_deepspeed_settings_refuse_a_contradiction(entry, message):
     with pytest.raises(UserError, match=message):
         deepspeed_settings(entry, micro_batch=2, num_processes=2, max_grad_norm=0.5)
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_an_engine_accelerate_did_not_turn_on_is_reported(monkeypatch, caplog, variable):
+    """On CPU accelerate runs a DeepSpeed or FSDP launch as plain DDP: said, not silent."""
+    monkeypatch.setenv(variable, "true")
+    check_weight_sharding(accelerator_like(DistributedType.MULTI_CPU), load_config(None, []))
+    assert "turns on only with GPUs: this run is plain MULTI_CPU" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv(variable, "false")
+    check_weight_sharding(accelerator_like(DistributedType.MULTI_CPU), load_config(None, []))
+    assert not caplog.text
