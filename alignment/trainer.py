@@ -411,9 +411,9 @@ class ConditionalTrainer:
         """Warm-up and linear decay over the next `total_steps` steps, from the current step."""
         cfg, scheduler = self.config, self._raw_scheduler
         if cfg.reset_optimizer:
-            # AdamW's moments and step counts: a fresh AdamW. Through the prepared optimizer's
-            # own: DeepSpeed's steps its fp32 copies of the weights (with offload, as its CPU Adam)
-            self.optimizer.optimizer.state.clear()
+            # AdamW's moments and step counts: a fresh AdamW. Through the prepared optimizer, as
+            # the groups below: DeepSpeed's steps its fp32 copies (with offload, as its CPU Adam)
+            self.optimizer.state.clear()
         self.schedule.start = scheduler.last_epoch
         self.schedule.warmup = math.ceil(cfg.warmup_ratio * total_steps)
         self.schedule.total = total_steps
