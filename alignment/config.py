@@ -44,7 +44,11 @@ class SamplingConfig:
     stop_at_newline: bool = False
     """Also stop at a newline: TL;DR summaries are one line; ALT stops at EOS only."""
     backend: Literal["hf", "vllm"] = "hf"
-    """hf: transformers, any device (samplers/hf.py); vllm: vLLM on GPU, the `vllm` extra."""
+    """hf: transformers, any device (samplers/hf.py); vllm: vLLM, the `vllm` extra."""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM only: devices one engine splits the policy across (each process's own engine)."""
+    vllm_gpu_memory_utilization: float = 0.4
+    """vLLM only: the share of each GPU its engine may take; the policy's trainer needs the rest."""
 
     def __post_init__(self) -> None:
         # `not x > 0` rather than `x <= 0`: NaN fails every comparison and must be refused too.
@@ -59,9 +63,12 @@ class SamplingConfig:
             "max_prompt_tokens",
             "keep_tail_tokens",
             "prompt_batch_size",
+            "vllm_tensor_parallel_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"sampling.{name} must be >= 1")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError("sampling.vllm_gpu_memory_utilization must be in (0, 1]")
 
 
 @dataclass

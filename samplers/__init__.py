@@ -1,8 +1,8 @@
 """Samplers: draw K generations per prompt from a policy.
 
 They implement `alignment.interfaces.Sampler`, the shape the loop talks to: `HFSampler`
-(transformers, runs on CPU; the default) and `VLLMSampler` (`sampling.backend: vllm`, GPU, the
-`vllm` extra). `make_sampler` picks the one a config asks for.
+(transformers, runs on CPU; the default) and `VLLMSampler` (`sampling.backend: vllm`, the `vllm`
+extra). `make_sampler` picks the one a config asks for.
 """
 
 from __future__ import annotations

@@ -190,6 +190,21 @@ def encode_prompts(
     ]
 
 
+def decode_generation(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], stop_ids: Sequence[int]
+) -> Generation:
+    """A generation's text from its new token ids, cut at the first stop token (which neither its
+    text nor its token count includes), and at a newline the stop token decodes to; every backend
+    decodes through this, so their texts compare."""
+    stops = set(stop_ids)
+    end = next((i for i, t in enumerate(ids) if t in stops), None)
+    if end is None:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        return Generation(text.strip(), "length", len(ids))
+    text = tokenizer.decode(ids[: end + 1], skip_special_tokens=True)
+    return Generation(text.split("\n", 1)[0].strip(), "stop", end)
+
+
 class HFSampler:
     """Sample with a transformers causal LM; never emits control tokens."""
 
@@ -270,7 +285,7 @@ class HFSampler:
                 cache_mask=cache_mask,
                 greedy=greedy,
             ).tolist()
-        gens = [self._decode(ids) for ids in new_tokens]
+        gens = [decode_generation(self.tokenizer, ids, self.stop_ids) for ids in new_tokens]
         return [gens[i : i + num_samples] for i in range(0, len(gens), num_samples)]
 
     def _can_share_prefix(self) -> bool:
@@ -425,12 +440,3 @@ class HFSampler:
                 break
             current, position = chosen, position + 1
         return out[:, :steps]
-
-    def _decode(self, ids: list[int]) -> Generation:
-        stops = set(self.stop_ids)
-        end = next((i for i, t in enumerate(ids) if t in stops), None)
-        if end is None:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            return Generation(text.strip(), "length", len(ids))
-        text = self.tokenizer.decode(ids[: end + 1], skip_special_tokens=True)
-        return Generation(text.split("\n", 1)[0].strip(), "stop", end)

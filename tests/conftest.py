@@ -55,15 +55,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
 
 
-def build_tiny_model(family: str, vocab_size: int, eos_id: int, seed: int = 0) -> PreTrainedModel:
+def build_tiny_model(
+    family: str, vocab_size: int, eos_id: int, seed: int = 0, *, width: int = 32, heads: int = 4
+) -> PreTrainedModel:
     """A 2-layer random GPT-2 (tied embeddings) or GPT-J (untied, rotary) for fast tests."""
     torch.manual_seed(seed)
     common = {
         "vocab_size": vocab_size,
         "n_positions": 1024,
-        "n_embd": 32,
+        "n_embd": width,
         "n_layer": 2,
-        "n_head": 4,
+        "n_head": heads,
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,
         "pad_token_id": eos_id,
