@@ -70,7 +70,8 @@ test-vllm:
 	$(VLLM_PIP) install --quiet "$(TORCH)" "$(VLLM_PKG)"
 	$(if $(shell command -v nvidia-smi 2>/dev/null),,$(VLLM_PIP) uninstall --quiet -y torchvision torchaudio torchcodec)
 	$(VLLM_PIP) install --quiet -e . "pytest>=9.2" "hypothesis>=6.170"
-	$(VLLM_VENV)/bin/python -m pytest -q -p no:warnings tests/unit/test_vllm_sampler.py
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:warnings tests/unit/test_vllm_sampler.py \
+		tests/integration/test_vllm_loop.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache

@@ -113,8 +113,9 @@ def run(
         # Only now, with config, prompts and models known good, does the directory become a run.
         if main:
             _claim_run_dir(out, config)
+        sampler = make_sampler(models.policy, models.tokenizer, config.sampling)
         metrics = _iterate(
-            config, out, accelerator, score, make_sampler, models, train_rows, eval_rows, feedback
+            config, out, accelerator, score, sampler, models, train_rows, eval_rows, feedback
         )
     # Torn down in order: the prepared (DDP, FSDP) modules released while the process group
     # lives, every rank done, then the group destroyed. Left to the end of `_iterate` or to the
@@ -123,6 +124,9 @@ def run(
     del models
     accelerator.free_memory()
     accelerator.wait_for_everyone()
+    # The sampler last: vLLM's in-process engine, shut down, destroys its own groups and then
+    # the default one, whoever made it (vLLM 0.32); accelerate then finds none to destroy.
+    del sampler
     accelerator.end_training()
     return metrics
 
@@ -132,7 +136,7 @@ def _iterate(
     out: Path,
     accelerator: Accelerator,
     score: ScoreFn,
-    make_sampler: SamplerFactory,
+    sampler: Sampler,
     models: Models,
     train_rows: list[PromptRow],
     eval_rows: list[PromptRow],
@@ -151,7 +155,6 @@ def _iterate(
             for k, v in _flat(config_to_dict(config)).items()
         }
         accelerator.init_trackers("quark-alt", config=hparams)
-    sampler = make_sampler(models.policy, models.tokenizer, config.sampling)
     likelihood = None  # evaluate's own: every sample on this one process
     if accelerator.num_processes > 1:
         sampler = ShardedSampler(sampler, accelerator)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -121,8 +122,10 @@ class VLLMSampler:
         self.stop_ids = stop_token_ids(model, tokenizer, config.stop_at_newline)
         self.banned_ids = control_token_ids(tokenizer)
         self._folder = tempfile.TemporaryDirectory(prefix="quark-alt-vllm-")
-        model.save_pretrained(self._folder.name, safe_serialization=True)
+        model.config.save_pretrained(self._folder.name)
+        model.generation_config.save_pretrained(self._folder.name)
         tokenizer.save_pretrained(self._folder.name)
+        self._save_weights()
         # vLLM runs its engine in a process of its own unless told otherwise; in this one its
         # model's parameters can take the policy's tensors without a copy through a pipe
         with _environment(VLLM_ENABLE_V1_MULTIPROCESSING="0" if self.in_process else None):
@@ -133,7 +136,18 @@ class VLLMSampler:
                 tensor_parallel_size=config.vllm_tensor_parallel_size,
                 gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                 max_model_len=config.max_prompt_tokens + config.max_new_tokens,
+                # vLLM 0.32's CPU runner fails a seeded request whose prompt it prefilled in
+                # chunks ("CPU Generator does not use offset"); whole prompts avoid it
+                enable_chunked_prefill=not current_platform.is_cpu(),
             )
+
+    def _save_weights(self) -> None:
+        """The policy's parameters into the engine's folder, on every rank: under
+        torch.distributed `save_pretrained` writes on the first rank alone, and each rank's engine
+        reads its own folder. Tied weights once, under their first name (the input embedding's),
+        which vLLM loads for the tied head too."""
+        weights = {name: p.detach().contiguous() for name, p in self.model.named_parameters()}
+        save_file(weights, os.path.join(self._folder.name, "model.safetensors"), {"format": "pt"})
 
     def _sync_weights(self) -> None:
         """The policy's current parameters into the engine, then a fresh prefix cache (cached
@@ -143,7 +157,7 @@ class VLLMSampler:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             self.llm.apply_model(_repack_tied_head)
         else:
-            self.model.save_pretrained(self._folder.name, safe_serialization=True)
+            self._save_weights()
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self._folder.name})
         self.llm.reset_prefix_cache()
 

@@ -22,7 +22,7 @@ def count_e_words(prompts, completions, **kwargs):
     return [float(sum("e" in word for word in c.split())) for c in completions]
 
 
-def write_toy_task(folder: Path, vocab_size: int = 100) -> tuple[Path, Path]:
+def write_toy_task(folder: Path, vocab_size: int = 100, heads: int = 4) -> tuple[Path, Path]:
     """Save a tiny word-level GPT-2 and a short-prompt set; return (model dir, prompts file)."""
     rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
     counts: dict[str, int] = {}
@@ -48,7 +48,7 @@ def write_toy_task(folder: Path, vocab_size: int = 100) -> tuple[Path, Path]:
         n_positions=128,
         n_embd=64,
         n_layer=2,
-        n_head=4,
+        n_head=heads,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
