@@ -17,6 +17,7 @@ in the extra.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import tempfile
@@ -122,7 +123,9 @@ class VLLMSampler:
         self.stop_ids = stop_token_ids(model, tokenizer, config.stop_at_newline)
         self.banned_ids = control_token_ids(tokenizer)
         self._folder = tempfile.TemporaryDirectory(prefix="quark-alt-vllm-")
-        model.config.save_pretrained(self._folder.name)
+        config_file = copy.deepcopy(model.config)  # as save_pretrained writes it: vLLM picks
+        config_file.architectures = [type(model).__name__]  # its model class by this name
+        config_file.save_pretrained(self._folder.name)
         model.generation_config.save_pretrained(self._folder.name)
         tokenizer.save_pretrained(self._folder.name)
         self._save_weights()
